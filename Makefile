@@ -1,0 +1,48 @@
+# One entry point for set-up, the local stack, the pipeline, tests and benchmarks.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SAMPLE ?= .stack/sample.zip
+SAMPLE_PRODUCTS ?= 1500
+PYTEST_ARGS ?=
+
+.PHONY: install up down status logs demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create the venv with every pinned dependency
+
+up: install  ## start S3, MLflow and Ray on 127.0.0.1 (idempotent)
+	$(PY) -m lib.stack up
+
+down:  ## stop what `make up` started; data stays in .stack/
+	$(PY) -m lib.stack down
+
+status:  ## each service, its PID, memory and URL
+	$(PY) -m lib.stack status
+
+logs:  ## last lines of every service log
+	$(PY) -m lib.stack logs
+
+demo: up  ## the whole story on a generated sample
+	$(PY) -m jobs.make_sample --out $(SAMPLE) --products $(SAMPLE_PRODUCTS) --seed 0
+	$(PY) -m jobs.demo $(SAMPLE)
+
+test: install  ## the full test suite against a real stack of its own
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: up  ## speed and memory benchmarks (set RAKUTEN_REAL_DATA to include the real sample)
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean: down
+	rm -rf .stack

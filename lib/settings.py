@@ -1,0 +1,140 @@
+"""The single source of configuration.
+
+Every value can be overridden by an environment variable prefixed ``RAKUTEN_`` (for example
+``RAKUTEN_S3_PORT=19000``). Secrets are ``SecretStr`` so they never show up in reprs or logs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Configuration of the whole pipeline: storage, tracking, cluster, encoders and training."""
+
+    model_config = SettingsConfigDict(env_prefix="RAKUTEN_", extra="ignore", validate_default=True)
+
+    # --- local state ---------------------------------------------------------------------------
+    state_dir: Path = Field(PROJECT_ROOT / ".stack", description="Data, logs and PIDs of the local stack.")
+    host: str = Field("127.0.0.1", description="Interface every local service binds to.")
+
+    # --- S3 (SeaweedFS locally; any S3-compatible endpoint works) ------------------------------
+    s3_port: int = 9000
+    s3_endpoint: str | None = Field(None, description="Full URL; defaults to http://host:s3_port.")
+    s3_region: str = "us-east-1"
+    s3_access_key: SecretStr = SecretStr("rakuten")
+    s3_secret_key: SecretStr = SecretStr("rakuten-secret-key")
+    bucket_incoming: str = "incoming"
+    bucket_lake: str = "lake"
+    bucket_mlflow: str = "mlflow"
+
+    # --- MLflow ---------------------------------------------------------------------------------
+    mlflow_port: int = 5000
+    mlflow_tracking_uri: str | None = Field(None, description="Defaults to http://host:mlflow_port.")
+    mlflow_backend_store_uri: str | None = Field(
+        None, description="Defaults to sqlite under state_dir; a postgresql:// URI works too."
+    )
+    mlflow_experiment: str = "rakuten-fusion"
+    registered_model_name: str = "rakuten-fusion"
+
+    # --- Ray ------------------------------------------------------------------------------------
+    ray_gcs_port: int = 6379
+    ray_dashboard_port: int = 8265
+    ray_num_cpus: int | None = Field(None, description="CPUs the local head advertises; None = all.")
+    ray_object_store_bytes: int = 1_000_000_000
+
+    # --- front doors ----------------------------------------------------------------------------
+    serve_port: int = 8000
+    dash_port: int = 8050
+
+    # --- data ------------------------------------------------------------------------------------
+    max_image_pixels: int = Field(20_000_000, description="Larger images are rejected (decompression bombs).")
+    max_image_bytes: int = 10_000_000
+    ingest_partition_size: int = Field(256, description="Image members per Ray Data ingest task.")
+
+    # --- encoders --------------------------------------------------------------------------------
+    text_encoder: str = Field(
+        "use-m3", description="use-m3 | e5-small | sentence-transformers:<name or path>"
+    )
+    image_encoder: str = Field("efficientnet-lite0", description="efficientnet-lite0 | timm:<name> [onnx]")
+    text_max_chars: int = Field(300, description="Description characters kept after the title for encoding.")
+    encoder_threads: int = Field(2, description="Intra-op threads of one encoder worker.")
+    embed_batch_size: int = 32
+    embed_actor_cpus: float = Field(1.0, description="CPUs reserved per encoder actor (fractional is fine).")
+
+    # --- training --------------------------------------------------------------------------------
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    tune_trials: int = 20
+    tune_max_epochs: int = 30
+    tune_grace_epochs: int = 3
+    tune_seed: int = 0
+    early_stop_patience: int = 5
+    keep_model_versions: int = 5
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def s3_url(self) -> str:
+        return self.s3_endpoint or f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def mlflow_backend_uri(self) -> str:
+        return self.mlflow_backend_store_uri or f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def ray_address(self) -> str:
+        """GCS address for ``ray.init`` / ``ray start --address``."""
+        return f"{self.host}:{self.ray_gcs_port}"
+
+    @property
+    def ray_dashboard_url(self) -> str:
+        """Job submission / dashboard address for ``ray job submit``."""
+        return f"http://{self.host}:{self.ray_dashboard_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.host}:{self.serve_port}"
+
+    @property
+    def dash_url(self) -> str:
+        return f"http://{self.host}:{self.dash_port}"
+
+    @property
+    def buckets(self) -> tuple[str, ...]:
+        return (self.bucket_incoming, self.bucket_lake, self.bucket_mlflow)
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Where derived encoder files (e.g. ONNX exports) are cached."""
+        return self.state_dir / "models"
+
+    def s3_env(self) -> dict[str, str]:
+        """Environment variables that boto3/MLflow read to reach the S3 server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.s3_access_key.get_secret_value(),
+            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key.get_secret_value(),
+            "AWS_DEFAULT_REGION": self.s3_region,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once from the environment)."""
+    return Settings()

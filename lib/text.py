@@ -1,0 +1,37 @@
+"""Text cleaning for product titles and descriptions.
+
+Keeps what carries signal for classification (product codes such as ``Xbox-360``, ``PS4``, scales like
+``1/43``, numbers, accents) and removes what does not (HTML markup, entities, control characters).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+
+_TAG_RE = re.compile(r"<[^<>]{0,500}>")
+_SPACE_RE = re.compile(r"\s+")
+
+
+def clean_text(raw: object) -> str:
+    """HTML-unescape, strip tags, NFC-normalise, drop control characters, collapse whitespace."""
+    if raw is None or (isinstance(raw, float) and raw != raw):  # None or NaN from pandas
+        return ""
+    text = str(raw)
+    # Some descriptions are escaped twice (``&amp;eacute;``); tags may hide behind entities.
+    for _ in range(2):
+        text = html.unescape(text)
+    text = _TAG_RE.sub(" ", text)
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
+    return _SPACE_RE.sub(" ", text).strip()
+
+
+def product_text(designation: str, description: str, max_description_chars: int) -> str:
+    """The text an encoder sees: the title, then the start of the description.
+
+    Encoder cost grows with length; the title carries most of the signal (see README, Encoders).
+    """
+    description = description[:max_description_chars]
+    return f"{designation} . {description}" if description else designation

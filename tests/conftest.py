@@ -1,0 +1,68 @@
+"""Shared fixtures: one real local stack (SeaweedFS + MLflow + Ray) per test session.
+
+The test stack runs on its own ports and state directory so it never touches a developer's stack.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Ports of the test stack (the developer stack uses the defaults from lib.settings).
+TEST_ENV = {
+    "RAKUTEN_S3_PORT": "29000",
+    "RAKUTEN_MLFLOW_PORT": "25000",
+    "RAKUTEN_RAY_GCS_PORT": "26379",
+    "RAKUTEN_RAY_DASHBOARD_PORT": "28265",
+    "RAKUTEN_SERVE_PORT": "28000",
+    "RAKUTEN_DASH_PORT": "28050",
+    "RAKUTEN_RAY_NUM_CPUS": "2",
+    "RAKUTEN_TUNE_TRIALS": "3",
+    "RAKUTEN_TUNE_MAX_EPOCHS": "3",
+}
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory):
+    """Settings of the test stack (environment variables, as a user would set them)."""
+    from lib.settings import Settings, get_settings
+
+    state_dir = os.environ.get("RAKUTEN_TEST_STATE_DIR") or str(tmp_path_factory.mktemp("stack"))
+    env = {**TEST_ENV, "RAKUTEN_STATE_DIR": state_dir}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def stack(settings) -> Iterator:
+    """The real local stack, started once for the session and stopped at the end."""
+    from lib import stack as stack_mod
+
+    stack_mod.up(settings)
+    try:
+        yield settings
+    finally:
+        stack_mod.down(settings)
+
+
+@pytest.fixture(scope="session")
+def s3(stack):
+    """A boto3 client on the test stack's S3 server."""
+    from lib.storage import s3_client
+
+    return s3_client(stack)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(stack) -> Iterator:
+    """This test process connected as a driver to the test stack's Ray head."""
+    import ray
+
+    ray.init(address=stack.ray_address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
