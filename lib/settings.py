@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(20_000_000, description="Larger images are rejected (decompression bombs).")
     max_image_bytes: int = 10_000_000
     ingest_partition_size: int = Field(256, description="Image members per Ray Data ingest task.")
+    upload_threads: int = Field(8, description="Concurrent S3 uploads inside one task.")
 
     # --- encoders --------------------------------------------------------------------------------
     text_encoder: str = Field(
