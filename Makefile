@@ -41,8 +41,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: up  ## speed and memory benchmarks (set RAKUTEN_REAL_DATA to include the real sample)
-	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+bench: install  ## speed/memory benchmarks on a stack of their own (RAKUTEN_REAL_DATA adds the real sample)
+	@for script in benchmarks/bench_*.py; do name=$$(basename $$script .py); echo "== $$name"; $(PY) -m benchmarks.$$name || exit 1; done
 
 clean: down
 	rm -rf .stack

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     text_encoder: str = Field(
         "use-m3", description="use-m3 | e5-small | sentence-transformers:<name or path>"
     )
-    image_encoder: str = Field("efficientnet-lite0", description="efficientnet-lite0 | timm:<name> [onnx]")
+    image_encoder: str = Field(
+        "efficientnet-lite0", description="efficientnet-lite0 (ONNX) | efficientnet-lite0-torch | timm:<name>"
+    )
     text_max_chars: int = Field(300, description="Description characters kept after the title for encoding.")
     encoder_threads: int = Field(2, description="Intra-op threads of one encoder worker.")
     embed_batch_size: int = 32

@@ -66,3 +66,15 @@ def ray_cluster(stack) -> Iterator:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def lake_reset(s3, stack):
+    """Empty lake and incoming buckets around a test (the buckets themselves stay)."""
+    from lib.storage import delete_prefix
+
+    for bucket in (stack.bucket_lake, stack.bucket_incoming):
+        delete_prefix(s3, bucket, "")
+    yield
+    for bucket in (stack.bucket_lake, stack.bucket_incoming):
+        delete_prefix(s3, bucket, "")

@@ -15,17 +15,7 @@ from lib.images import IMAGE_MISSING, IMAGE_TOO_LARGE, IMAGE_UNREADABLE
 from lib.ingest import IngestError, ingest_zip
 from lib.rakuten import image_member_name
 from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import delete_prefix, exists, list_keys, put_bytes
-
-
-@pytest.fixture
-def lake_reset(s3, stack):
-    """An empty lake and incoming bucket for each test."""
-    for bucket in (stack.bucket_lake, stack.bucket_incoming):
-        delete_prefix(s3, bucket, "")
-    yield
-    for bucket in (stack.bucket_lake, stack.bucket_incoming):
-        delete_prefix(s3, bucket, "")
+from lib.storage import exists, list_keys, put_bytes
 
 
 def upload(s3, settings, data: bytes, name: str) -> str:

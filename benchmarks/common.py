@@ -1,0 +1,105 @@
+"""Shared benchmark plumbing: a stack of its own, real-data zipping, resource sampling, tables."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from lib import stack as stack_mod
+from lib.rakuten import X_FILE, Y_FILE
+from lib.settings import PROJECT_ROOT, Settings
+
+# Benchmarks run on their own ports and state so they never disturb `make up` or the tests.
+BENCH_ENV = {
+    "RAKUTEN_STATE_DIR": str(PROJECT_ROOT / ".stack" / "bench"),
+    "RAKUTEN_S3_PORT": "39000",
+    "RAKUTEN_MLFLOW_PORT": "35000",
+    "RAKUTEN_RAY_GCS_PORT": "36379",
+    "RAKUTEN_RAY_DASHBOARD_PORT": "38265",
+    "RAKUTEN_SERVE_PORT": "38000",
+    "RAKUTEN_DASH_PORT": "38050",
+}
+
+
+def real_data_dir() -> Path | None:
+    """The real Rakuten sample, if ``RAKUTEN_REAL_DATA`` (or the shared default path) has it."""
+    candidates = [os.environ.get("RAKUTEN_REAL_DATA"), str(PROJECT_ROOT.parent / "shared/data/rakuten_real")]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / X_FILE).exists():
+            return Path(candidate)
+    return None
+
+
+def zip_real_sample(source: Path, out: Path) -> Path:
+    """Zip a folder laid out like the challenge files (X, Y, images/image_train) into an official ZIP."""
+    with zipfile.ZipFile(out, "w") as zf:
+        for name in (X_FILE, Y_FILE):
+            zf.write(source / name, name, compress_type=zipfile.ZIP_DEFLATED)
+        for image in sorted((source / "images" / "image_train").glob("*.jpg")):
+            zf.write(image, f"images/image_train/{image.name}", compress_type=zipfile.ZIP_STORED)
+    return out
+
+
+@contextlib.contextmanager
+def bench_stack() -> Iterator[Settings]:
+    """A stack of the benchmark's own for the duration of the run."""
+    os.environ.update(BENCH_ENV)
+    from lib.settings import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    stack_mod.up(settings)
+    try:
+        yield settings
+    finally:
+        stack_mod.down(settings)
+
+
+@dataclass
+class PeakRss:
+    """Samples the peak RSS of this process and of every Ray worker process while active."""
+
+    interval_s: float = 0.1
+    driver_mb: float = 0.0
+    worker_mb: float = 0.0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver_mb = max(self.driver_mb, me.memory_info().rss / 2**20)
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                with contextlib.suppress(psutil.Error, TypeError):
+                    if (proc.info["name"] or "").startswith("ray::") or "ray::" in " ".join(
+                        proc.info["cmdline"]
+                    ):
+                        self.worker_mb = max(self.worker_mb, proc.memory_info().rss / 2**20)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    """A plain aligned table (benchmarks print numbers, people read them)."""
+    cells = [header, *[[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

@@ -1,0 +1,106 @@
+"""Embed every current product that has no embedding yet for the configured encoders.
+
+``python -m jobs.embed [--batch BATCH_ID]`` (also run by the pipeline). Re-running is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import uuid
+from datetime import UTC, datetime
+
+from jobs.common import connect_ray
+from lib import lake
+from lib.embed import (
+    PRODUCT_COLUMNS,
+    RUN_MANIFEST,
+    EncoderWorker,
+    embedding_inputs,
+    encoder_pool_size,
+    read_embeddings,
+    run_prefix,
+)
+from lib.encoders import encoder_ids, encoder_set_id
+from lib.settings import Settings, get_settings
+from lib.storage import arrow_fs, put_json, s3_client
+
+
+def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
+    """The embed stage: encode what is missing, write Parquet, commit the run; returns its manifest."""
+    import ray
+
+    settings = settings or get_settings()
+    connect_ray(settings)
+    client = s3_client(settings)
+    t0 = time.monotonic()
+    text_id, image_id = encoder_ids(settings)
+    set_id = encoder_set_id(text_id, image_id)
+    products = lake.current_products(client, settings, PRODUCT_COLUMNS)
+    if batch_id is not None:
+        products = products[products["batch_id"] == batch_id]
+    inputs = embedding_inputs(products, settings, set_id)
+    done = set(read_embeddings(client, settings, set_id, ["embed_hash"])["embed_hash"])
+    todo = inputs[~inputs["embed_hash"].isin(done)].reset_index(drop=True)
+    summary = {
+        "encoder_set_id": set_id, "text_encoder": text_id.key, "image_encoder": image_id.key,
+        "products": len(inputs), "cached": len(inputs) - len(todo), "encoded": len(todo),
+    }  # fmt: skip
+    if todo.empty:
+        return {**summary, "run_id": None, "seconds": round(time.monotonic() - t0, 2), "items_per_s": 0.0}
+
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    cpus = ray.cluster_resources().get("CPU", 1)
+    pool = encoder_pool_size(cpus, settings.embed_actor_cpus)
+    blocks = max(pool, math.ceil(len(todo) / (settings.embed_batch_size * 8)))
+    encoded = (
+        ray.data.from_pandas(todo)
+        .repartition(blocks)
+        .map_batches(
+            EncoderWorker,
+            fn_constructor_args=(settings,),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+            num_cpus=settings.embed_actor_cpus,
+            batch_size=settings.embed_batch_size,
+            batch_format="pandas",
+        )
+    )
+    t_encode = time.monotonic()
+    encoded.write_parquet(
+        f"{settings.bucket_lake}/{run_prefix(set_id, run_id)}", filesystem=arrow_fs(settings)
+    )
+    seconds = time.monotonic() - t_encode
+    manifest = {
+        **summary,
+        "run_id": run_id,
+        "text_dim": text_id.dim,
+        "image_dim": image_id.dim,
+        "actors": pool,
+        "batch_size": settings.embed_batch_size,
+        "seconds": round(seconds, 2),
+        "items_per_s": round(len(todo) / seconds, 1),
+        "committed_at": datetime.now(UTC).isoformat(),
+    }
+    # The commit: readers only see runs that have their manifest.
+    put_json(client, settings.bucket_lake, f"{run_prefix(set_id, run_id)}{RUN_MANIFEST}", manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", default=None, help="only the products of this batch id")
+    args = parser.parse_args(argv)
+    m = run(batch_id=args.batch)
+    if m["encoded"] == 0:
+        print(f"nothing to embed: {m['products']} products already embedded for set {m['encoder_set_id']}")
+    else:
+        print(
+            f"embedded {m['encoded']} products ({m['cached']} cached) with {m['text_encoder']} + "
+            f"{m['image_encoder']} in {m['seconds']} s: {m['items_per_s']} items/s ({m['actors']} actor(s))"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

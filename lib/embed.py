@@ -1,0 +1,156 @@
+"""Embeddings of the current catalogue: what to encode, the encoder worker, and reading them back.
+
+Layout: ``lake/embeddings/<encoder_set_id>/runs/<run_id>/*.parquet`` plus ``_manifest.json`` written
+last (the commit). A product is encoded again only when its embedding hash changes: the hash covers
+the text the encoder sees, the image bytes (their SHA-256) and the encoder ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lib.settings import Settings
+from lib.storage import arrow_fs, get_bytes, get_json, list_prefixes
+from lib.text import product_text
+
+EMBEDDINGS = "embeddings/"
+RUN_MANIFEST = "_manifest.json"
+# Columns the encoder worker needs from the product table.
+PRODUCT_COLUMNS = [
+    "productid", "batch_id", "prdtypecode", "designation_clean", "description_clean", "image_key",
+    "image_sha256", "has_image",
+]  # fmt: skip
+
+
+def set_prefix(set_id: str) -> str:
+    return f"{EMBEDDINGS}{set_id}/runs/"
+
+
+def run_prefix(set_id: str, run_id: str) -> str:
+    return f"{set_prefix(set_id)}{run_id}/"
+
+
+def embed_hash(text: str, image_sha256: str | None, set_id: str) -> str:
+    """What an embedding depends on: encoder input text, image bytes, encoders."""
+    return hashlib.sha256(f"{set_id}\x1f{text}\x1f{image_sha256 or ''}".encode()).hexdigest()[:24]
+
+
+def embedding_inputs(products: pd.DataFrame, settings: Settings, set_id: str) -> pd.DataFrame:
+    """The encoder inputs of each product: text, image key, flags and the embedding hash."""
+    texts = [
+        product_text(d, s, settings.text_max_chars)
+        for d, s in zip(products["designation_clean"], products["description_clean"], strict=True)
+    ]
+    has_image = products["has_image"].fillna(False).astype(bool).to_numpy()
+    image_sha = [s if h else None for s, h in zip(products["image_sha256"], has_image, strict=True)]
+    image_key = [k if h else None for k, h in zip(products["image_key"], has_image, strict=True)]
+    return pd.DataFrame(
+        {
+            "productid": products["productid"].astype("int64").to_numpy(),
+            "batch_id": products["batch_id"].to_numpy(),
+            "prdtypecode": products["prdtypecode"].astype("Int64").to_numpy(),
+            "text": texts,
+            "has_text": [bool(t.strip()) for t in texts],
+            "image_key": image_key,
+            "has_image": has_image,
+            "embed_hash": [embed_hash(t, s, set_id) for t, s in zip(texts, image_sha, strict=True)],
+        }
+    )
+
+
+def committed_runs(client, settings: Settings, set_id: str) -> list[dict]:
+    """Manifests of the committed embedding runs of one encoder set, oldest first."""
+    runs = []
+    for prefix in list_prefixes(client, settings.bucket_lake, set_prefix(set_id)):
+        try:
+            runs.append(get_json(client, settings.bucket_lake, f"{prefix}{RUN_MANIFEST}"))
+        except client.exceptions.NoSuchKey:
+            continue  # an uncommitted (crashed) run: invisible
+    return sorted(runs, key=lambda m: m["committed_at"])
+
+
+def read_embeddings(
+    client, settings: Settings, set_id: str, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """Every committed embedding row of the set (latest run wins per embedding hash)."""
+    fs = arrow_fs(settings)
+    tables = []
+    for run in committed_runs(client, settings, set_id):
+        path = f"{settings.bucket_lake}/{run_prefix(set_id, run['run_id'])}"
+        files = [f.path for f in fs.get_file_info(pa.fs.FileSelector(path)) if f.path.endswith(".parquet")]
+        tables.extend(pq.read_table(f, filesystem=fs, columns=columns) for f in files)
+    if not tables:
+        return pd.DataFrame(columns=columns or ["embed_hash"])
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    return frame.drop_duplicates("embed_hash", keep="last").reset_index(drop=True)
+
+
+def to_matrix(column: pd.Series, dim: int) -> np.ndarray:
+    """A column of equal-length float vectors → a (n, dim) float32 matrix."""
+    if len(column) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.stack(column.to_numpy()).astype(np.float32, copy=False)
+
+
+def encoder_pool_size(cluster_cpus: float, actor_cpus: float) -> int:
+    """How many encoder actors fit while one CPU stays free for the read/write tasks.
+
+    Leaving no CPU to the other Ray Data tasks deadlocks the pipeline on small machines.
+    """
+    return max(1, math.floor((cluster_cpus - 1) / actor_cpus))
+
+
+class EncoderWorker:
+    """Encodes a batch of embedding inputs (a Ray Data actor; also usable in-process).
+
+    Missing modalities get a zero vector and a false flag, so every row has both columns.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        from lib.encoders import build_image_encoder, build_text_encoder
+        from lib.storage import s3_client
+
+        self.settings = settings
+        self.text_encoder = build_text_encoder(settings)
+        self.image_encoder = build_image_encoder(settings)
+        self._client = s3_client(settings)
+        self._pool = ThreadPoolExecutor(settings.upload_threads)
+
+    def _images(self, keys: list[str]) -> list[bytes]:
+        bucket = self.settings.bucket_lake
+        return list(self._pool.map(lambda k: get_bytes(self._client, bucket, k), keys))
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        n = len(batch)
+        has_text = batch["has_text"].to_numpy(bool)
+        has_image = batch["has_image"].to_numpy(bool)
+        text_dim, image_dim = self.text_encoder.id.dim, self.image_encoder.id.dim
+        text_emb = np.zeros((n, text_dim), np.float32)  # (n, text_dim)
+        image_emb = np.zeros((n, image_dim), np.float32)  # (n, image_dim)
+        if has_text.any():
+            text_emb[has_text] = self.text_encoder.encode(batch["text"][has_text].tolist())
+        if has_image.any():
+            image_emb[has_image] = self.image_encoder.encode(
+                self._images(batch["image_key"][has_image].tolist())
+            )
+        return pa.table(
+            {
+                "productid": pa.array(batch["productid"], pa.int64()),
+                "batch_id": pa.array(batch["batch_id"], pa.string()),
+                "prdtypecode": pa.array(batch["prdtypecode"], pa.int64()),
+                "embed_hash": pa.array(batch["embed_hash"], pa.string()),
+                "has_text": pa.array(has_text),
+                "has_image": pa.array(has_image),
+                "text_emb": pa.FixedSizeListArray.from_arrays(text_emb.ravel(), text_dim),
+                "image_emb": pa.FixedSizeListArray.from_arrays(image_emb.ravel(), image_dim),
+                "text_encoder": pa.array([self.text_encoder.id.key] * n, pa.string()),
+                "image_encoder": pa.array([self.image_encoder.id.key] * n, pa.string()),
+            }
+        )

@@ -1,0 +1,84 @@
+"""The embedding job against real Ray + S3: shapes, norms, missing modality, cache."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pandas as pd
+
+from jobs import embed as embed_job
+from jobs import ingest as ingest_job
+from lib import lake
+from lib.embed import encoder_pool_size, read_embeddings, to_matrix
+from lib.rakuten import image_member_name
+from lib.sample import SampleSpec, write_sample_zip
+from lib.storage import put_bytes
+
+
+def upload_sample(s3, settings, name: str, products: int = 40, drop_image_of: int | None = None,
+                  rename: dict[int, str] | None = None) -> pd.DataFrame:  # fmt: skip
+    """A sample ZIP (optionally one image removed, some titles changed) uploaded and ingested."""
+    buf = io.BytesIO()
+    catalogue = write_sample_zip(SampleSpec(products=products, seed=7, image_size=64), buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    x = pd.read_csv(io.BytesIO(src.read("X_train_update.csv")), index_col=0)
+    for productid, title in (rename or {}).items():
+        x.loc[x["productid"] == productid, "designation"] = title
+    skip = None
+    if drop_image_of is not None:
+        row = catalogue[catalogue["productid"] == drop_image_of].iloc[0]
+        skip = image_member_name(row["imageid"], row["productid"])
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            if info.filename == skip:
+                continue
+            data = x.to_csv().encode() if info.filename == "X_train_update.csv" else src.read(info)
+            dst.writestr(info, data)
+    put_bytes(s3, settings.bucket_incoming, name, out.getvalue())
+    ingest_job.run(f"s3://{settings.bucket_incoming}/{name}", settings)
+    return catalogue
+
+
+def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack, lake_reset):
+    catalogue = upload_sample(s3, stack, "e1.zip", drop_image_of=None)
+    no_image = int(catalogue["productid"].iloc[3])
+    catalogue = upload_sample(
+        s3, stack, "e2.zip", drop_image_of=no_image, rename={}
+    )  # same products, 1 image gone
+    first = embed_job.run(stack)
+    assert first["encoded"] == len(catalogue) and first["cached"] == 0
+
+    frame = read_embeddings(s3, stack, first["encoder_set_id"])
+    assert sorted(frame["productid"]) == sorted(catalogue["productid"])
+    text, image = to_matrix(frame["text_emb"], 512), to_matrix(frame["image_emb"], 1280)
+    assert text.shape == (len(catalogue), 512) and image.shape == (len(catalogue), 1280)
+    assert text.dtype == np.float32 and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-4)
+    missing = frame["productid"].to_numpy() == no_image
+    assert not frame.loc[missing, "has_image"].item()
+    assert np.all(image[missing] == 0)
+    assert np.allclose(np.linalg.norm(image[~missing], axis=1), 1, atol=1e-4)
+    assert set(frame["text_encoder"]) == {first["text_encoder"]}
+
+    # Re-running encodes nothing.
+    again = embed_job.run(stack)
+    assert again["encoded"] == 0 and again["cached"] == len(catalogue) and again["run_id"] is None
+
+    # Changing one product re-encodes only that one.
+    changed = int(catalogue["productid"].iloc[10])
+    upload_sample(s3, stack, "e3.zip", drop_image_of=no_image, rename={changed: "Titre entièrement nouveau"})
+    third = embed_job.run(stack)
+    assert third["encoded"] == 1
+    current = lake.current_products(s3, stack)
+    assert (
+        current.loc[current["productid"] == changed, "designation_clean"].item()
+        == "Titre entièrement nouveau"
+    )
+
+
+def test_encoder_pool_leaves_a_cpu_for_the_other_tasks():
+    assert encoder_pool_size(2, 1.0) == 1
+    assert encoder_pool_size(4, 1.0) == 3
+    assert encoder_pool_size(1, 1.0) == 1
