@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     tune_seed: int = 0
     early_stop_patience: int = 5
     keep_model_versions: int = 5
+    git_sha: str | None = Field(
+        None, description="Code version recorded with models; set at submit time (jobs have no .git)."
+    )
 
     @field_validator("state_dir")
     @classmethod

@@ -1,0 +1,197 @@
+"""Training job against real Ray Tune + MLflow server + S3: runs, artifacts, registry, promotion, rollback."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from datetime import UTC, datetime
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pytest
+from mlflow import MlflowClient
+
+from jobs import ingest as ingest_job
+from jobs import promote as promote_job
+from jobs import train as train_job
+from lib import lake, registry
+from lib.embed import RUN_MANIFEST, embedding_inputs, run_prefix
+from lib.encoders import encoder_ids, encoder_set_id
+from lib.model import FusionConfig, MultimodalMLP
+from lib.sample import SampleSpec, write_sample_zip
+from lib.settings import PROJECT_ROOT
+from lib.storage import delete_prefix, put_bytes, put_json, put_table, s3_client
+
+
+def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> None:
+    """Class-correlated embeddings for the current products, stored exactly as the embed job stores them.
+
+    (The embed job itself is tested in test_embed; here the encoders would only cost time.)
+    """
+    client = s3_client(settings)
+    text_id, image_id = encoder_ids(settings)
+    set_id = encoder_set_id(text_id, image_id)
+    products = lake.current_products(client, settings)
+    inputs = embedding_inputs(products, settings, set_id)
+    rng = np.random.default_rng(seed)
+    codes = sorted(inputs["prdtypecode"].dropna().unique())
+    text_centroids = rng.normal(size=(len(codes), text_id.dim))
+    image_centroids = rng.normal(size=(len(codes), image_id.dim))
+    index = np.array([codes.index(c) for c in inputs["prdtypecode"]])
+    text = text_centroids[index] + rng.normal(scale=noise * 1.5, size=(len(index), text_id.dim))
+    image = image_centroids[index] + rng.normal(scale=noise * 4, size=(len(index), image_id.dim))
+    text = (text / np.linalg.norm(text, axis=1, keepdims=True)).astype(np.float32)
+    image = (image / np.linalg.norm(image, axis=1, keepdims=True)).astype(np.float32)
+    run_id = f"synthetic-{seed}"
+    table = pa.table(
+        {
+            "productid": inputs["productid"],
+            "batch_id": inputs["batch_id"],
+            "prdtypecode": inputs["prdtypecode"],
+            "embed_hash": inputs["embed_hash"],
+            "has_text": inputs["has_text"],
+            "has_image": inputs["has_image"],
+            "text_emb": pa.FixedSizeListArray.from_arrays(text.ravel(), text_id.dim),
+            "image_emb": pa.FixedSizeListArray.from_arrays(image.ravel(), image_id.dim),
+        }
+    )
+    put_table(client, settings.bucket_lake, f"{run_prefix(set_id, run_id)}part-0.parquet", table)
+    put_json(
+        client,
+        settings.bucket_lake,
+        f"{run_prefix(set_id, run_id)}{RUN_MANIFEST}",
+        {"run_id": run_id, "committed_at": datetime.now(UTC).isoformat(), "encoded": len(table)},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, stack):
+    """A fresh lake and registry, 400 ingested products with embeddings, one 3-trial tuning run."""
+    client = s3_client(stack)
+    for bucket in (stack.bucket_lake, stack.bucket_incoming):
+        delete_prefix(client, bucket, "")
+    mlflow_client = MlflowClient(stack.mlflow_uri)
+    if mlflow_client.search_registered_models(f"name='{stack.registered_model_name}'"):
+        mlflow_client.delete_registered_model(stack.registered_model_name)
+    buf = io.BytesIO()
+    write_sample_zip(SampleSpec(products=400, seed=11, image_size=32), buf)
+    put_bytes(client, stack.bucket_incoming, "train.zip", buf.getvalue())
+    ingest_job.run(f"s3://{stack.bucket_incoming}/train.zip", stack)
+    write_synthetic_embeddings(stack)
+    out = train_job.run(stack, trials=3, max_epochs=6)
+    return out
+
+
+def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
+    client = MlflowClient(stack.mlflow_uri)
+    parent = client.get_run(trained["run_id"])
+    trials = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{trained['run_id']}'"
+    )
+    assert len(trials) == 3
+    assert all(r.info.status in {"FINISHED", "KILLED"} for r in trials)
+    history = client.get_metric_history(trials[0].info.run_id, "val_f1_macro")
+    assert 1 <= len(history) <= 6 and [m.step for m in history] == list(range(1, len(history) + 1))
+    assert {"train_loss", "val_loss", "val_accuracy", "lr"} <= set(trials[0].data.metrics)
+    assert {"lr", "weight_decay", "batch_size", "activation"} <= set(trials[0].data.params)
+    metrics = parent.data.metrics
+    for key in (
+        "test_f1_macro",
+        "test_f1_weighted",
+        "test_accuracy",
+        "ablation_text_test_f1_macro",
+        "ablation_image_test_f1_macro",
+        "ablation_fusion_test_f1_macro",
+        "best_val_f1_macro",
+    ):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["test_f1_macro"] > 0.3  # the synthetic classes are learnable (chance: 0.04)
+    assert {p for p in parent.data.params if p.startswith("best_")} >= {"best_lr", "best_weight_decay"}
+    artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
+    assert {
+        "confusion_matrix.png",
+        "per_class_test.csv",
+        "lineage.json",
+        "ablation.json",
+        "promotion.json",
+    } <= artifacts
+    expected_sha = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert parent.data.tags["git_sha"].removesuffix("-dirty") == expected_sha
+    lineage = mlflow.artifacts.load_dict(f"runs:/{trained['run_id']}/lineage.json")
+    assert lineage["products"] == 400 and len(lineage["class_counts"]) == 27 and lineage["batch_ids"]
+
+
+def test_first_model_is_registered_and_promoted_with_its_card(trained, stack):
+    client = MlflowClient(stack.mlflow_uri)
+    production = registry.version_by_alias(client, stack.registered_model_name, registry.PRODUCTION)
+    assert trained["decision"]["promoted"] and production.version == trained["version"]
+    loaded = registry.load_version(client, stack.registered_model_name, production.version)
+    assert len(loaded.codes) == 27 and loaded.card["encoder_set_id"] == trained["lineage"]["encoder_set_id"]
+    assert loaded.card["git_sha"] and loaded.card["batch_ids"] == trained["lineage"]["batch_ids"]
+    # The pyfunc flavour predicts probabilities too.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{stack.registered_model_name}@production")
+    dims = loaded.card["model_config"]
+    probs = pyfunc.predict(
+        {
+            "text_emb": np.zeros((2, dims["text_dim"]), np.float32),
+            "image_emb": np.zeros((2, dims["image_dim"]), np.float32),
+        }
+    )
+    assert probs.shape == (2, 27) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_unchanged_embeddings_skip_training(trained, stack):
+    again = train_job.run(stack, trials=3, max_epochs=6)
+    assert again["skipped"] and "unchanged" in again["reason"]
+
+
+def test_worse_model_is_not_promoted_better_one_is_and_rollback_swaps(trained, stack):
+    client = MlflowClient(stack.mlflow_uri)
+    name = stack.registered_model_name
+    good = trained["version"]
+    data, _ = train_job.load_dataset(stack, s3_client(stack))
+    card = registry.load_version(client, name, good).card
+    # An untrained head with the same contract: a clearly worse model.
+    worse_model = MultimodalMLP(
+        FusionConfig(**{**card["model_config"], "hidden": tuple(card["model_config"]["hidden"])})
+    )
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    mlflow.set_experiment(stack.mlflow_experiment)
+    import tempfile
+    from pathlib import Path
+
+    with mlflow.start_run(run_name="worse"), tempfile.TemporaryDirectory() as tmp:
+        model_dir = registry.write_model_dir(Path(tmp) / "m", worse_model.state_dict(), card)
+        info = registry.log_model(model_dir, card, [])
+    worse = mlflow.register_model(info.model_uri, name).version
+    worse_f1 = train_job.score_codes(data, registry.load_version(client, name, worse))
+    decision = train_job.promote_if_better(client, stack, data, worse, worse_f1)
+    assert not decision["promoted"] and decision["production_test_f1_macro_rescored"] > worse_f1
+    assert registry.version_by_alias(client, name, registry.PRODUCTION).version == good
+
+    # Make the worse one production by hand, then the good one beats it on the same split.
+    registry.promote(client, name, worse)
+    good_f1 = train_job.score_codes(data, registry.load_version(client, name, good))
+    decision = train_job.promote_if_better(client, stack, data, good, good_f1)
+    assert decision["promoted"]
+    assert registry.version_by_alias(client, name, registry.PRODUCTION).version == good
+    assert registry.version_by_alias(client, name, registry.PREVIOUS).version == worse
+
+    production, previous = promote_job.rollback(stack)
+    assert (production, previous) == (worse, good)
+    assert promote_job.aliases(stack) == {"production": worse, "previous": good}
+    promote_job.rollback(stack)  # and back
+    assert registry.version_by_alias(client, name, registry.PRODUCTION).version == good
+
+
+def test_pruning_keeps_aliased_and_newest_versions(trained, stack):
+    client = MlflowClient(stack.mlflow_uri)
+    name = stack.registered_model_name
+    before = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    deleted = registry.prune_versions(client, name, keep=0)
+    after = {v.version for v in client.search_model_versions(f"name='{name}'")}
+    aliased = set(client.get_registered_model(name).aliases.values())
+    assert after == aliased and set(deleted) == before - aliased
