@@ -78,3 +78,40 @@ def lake_reset(s3, stack):
     yield
     for bucket in (stack.bucket_lake, stack.bucket_incoming):
         delete_prefix(s3, bucket, "")
+
+
+def build_production_model(settings, products: int = 300, seed: int = 5) -> dict:
+    """The real pipeline on a small generated sample: ingest → embed (real encoders) → train → promote.
+
+    Leaves a fresh lake and registry holding exactly that batch and one production model version.
+    """
+    import io
+
+    from mlflow import MlflowClient
+
+    from jobs import embed as embed_job
+    from jobs import ingest as ingest_job
+    from jobs import train as train_job
+    from lib.sample import SampleSpec, write_sample_zip
+    from lib.storage import delete_prefix, put_bytes, s3_client
+
+    client = s3_client(settings)
+    for bucket in (settings.bucket_lake, settings.bucket_incoming):
+        delete_prefix(client, bucket, "")
+    registry_client = MlflowClient(settings.mlflow_uri)
+    if registry_client.search_registered_models(f"name='{settings.registered_model_name}'"):
+        registry_client.delete_registered_model(settings.registered_model_name)
+    buf = io.BytesIO()
+    catalogue = write_sample_zip(SampleSpec(products=products, seed=seed, image_size=96), buf)
+    put_bytes(client, settings.bucket_incoming, "model-sample.zip", buf.getvalue())
+    manifest = ingest_job.run(f"s3://{settings.bucket_incoming}/model-sample.zip", settings)
+    embedded = embed_job.run(settings)
+    trained = train_job.run(settings, trials=2, max_epochs=8)
+    return {"catalogue": catalogue, "manifest": manifest, "embed": embedded, "train": trained}
+
+
+@pytest.fixture(scope="module")
+def production_model(ray_cluster, stack) -> dict:
+    """A production model trained by the real pipeline on a small sample (rebuilt per test module,
+    since other modules reset the lake and registry)."""
+    return build_production_model(stack)
