@@ -324,7 +324,7 @@ def ingest_zip(
     batch_id = sha[:16]
     if lake.is_committed(client, settings, batch_id):
         manifest = get_json(client, settings.bucket_lake, lake.manifest_key(batch_id))
-        _archive(client, settings, bucket, key, batch_id)
+        archive_zip(client, settings, bucket, key, batch_id)
         return {**manifest, "duplicate": True, "source_uri": zip_uri}
 
     with open_zip(settings, bucket, key) as zf:
@@ -407,11 +407,11 @@ def ingest_zip(
     # The commit: from here on the batch is visible.
     put_json(client, settings.bucket_lake, lake.manifest_key(batch_id), manifest)
     stage("committed")
-    _archive(client, settings, bucket, key, batch_id)
+    archive_zip(client, settings, bucket, key, batch_id)
     return {**manifest, "duplicate": False}
 
 
-def _archive(client, settings: Settings, bucket: str, key: str, batch_id: str) -> None:
+def archive_zip(client, settings: Settings, bucket: str, key: str, batch_id: str) -> None:
     """Move the processed ZIP out of ``incoming/`` (idempotent: the archive key is the content id)."""
     if bucket == settings.bucket_incoming:
         move(client, bucket, key, settings.bucket_lake, lake.archive_key(batch_id))

@@ -71,6 +71,20 @@ class Settings(BaseSettings):
     embed_batch_size: int = 32
     embed_actor_cpus: float = Field(1.0, description="CPUs reserved per encoder actor (fractional is fine).")
 
+    # --- orchestration -----------------------------------------------------------------------------
+    watch_interval_s: float = Field(5.0, description="How often the watcher lists incoming/.")
+    pipeline_max_retries: int = Field(1, description="Resubmissions of a failed pipeline per ZIP content.")
+    monitor_interval_s: float = Field(3600.0, description="How often the watcher runs the drift monitor.")
+    monitor_window_hours: float = 24.0
+    monitor_min_rows: int = Field(30, description="Fewer recent predictions than this: no verdict.")
+    monitor_max_rows: int = Field(2000, description="Rows per side fed to the drift tests (sampled).")
+    drift_psi_threshold: float = Field(0.2, description="PSI above this: the class mix drifted (usual rule).")
+    drift_chi2_alpha: float = 0.01
+    drift_auc_threshold: float = Field(0.75, description="Domain-classifier ROC AUC above this: drift.")
+    drift_confidence_drop: float = Field(0.10, description="Mean confidence drop that counts as drift.")
+    drift_abstain_increase: float = Field(0.10, description="Abstain-rate increase that counts as drift.")
+    pipeline_timeout_s: float = 3600.0
+
     # --- training --------------------------------------------------------------------------------
     split_seed: int = 0
     val_fraction: float = 0.15

@@ -1,0 +1,108 @@
+"""The event-driven trigger: a long-running Ray job that turns each new ZIP in ``incoming/`` into one
+pipeline job (exactly once per ZIP content), and runs the drift monitor on a schedule.
+
+``python -m jobs.watch`` (the loop) · ``--once`` (one scan) · ``--ensure`` (submit the loop as a Ray job
+unless it already runs; used by ``make up``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from jobs import submit as submitter
+from lib import pipeline
+from lib.ingest import archive_zip, zip_sha256
+from lib.settings import Settings, get_settings
+from lib.storage import s3_client
+
+WATCHER_ENTRYPOINT = "python -m jobs.watch"
+
+
+class Watcher:
+    """State of one watcher process: batch ids of the ZIPs seen (by ETag) and when the monitor last ran."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.s3 = s3_client(settings)
+        self.jobs = submitter.job_client(settings)
+        self._batch_ids: dict[tuple[str, str], str] = {}
+        self._given_up: set[str] = set()
+        self.last_monitor = time.monotonic()
+
+    def incoming(self) -> list[tuple[str, str]]:
+        """(key, batch id) of the ZIPs waiting in incoming/, oldest first."""
+        listing = self.s3.list_objects_v2(Bucket=self.settings.bucket_incoming).get("Contents", [])
+        out = []
+        for obj in sorted(listing, key=lambda o: (o["LastModified"], o["Key"])):
+            if not obj["Key"].lower().endswith(".zip"):
+                continue
+            cache_key = (obj["Key"], obj["ETag"])
+            if cache_key not in self._batch_ids:
+                self._batch_ids[cache_key] = zip_sha256(self.s3, self.settings.bucket_incoming, obj["Key"])[
+                    0
+                ][:16]
+            out.append((obj["Key"], self._batch_ids[cache_key]))
+        return out
+
+    def scan(self) -> list[tuple[str, str, str]]:
+        """One pass: plan and act; returns the actions taken."""
+        jobs = {j.submission_id: str(j.status.value) for j in self.jobs.list_jobs() if j.submission_id}
+        actions = pipeline.plan(self.incoming(), jobs, self.settings.pipeline_max_retries)
+        for action, key, submission_id in actions:
+            uri = f"s3://{self.settings.bucket_incoming}/{key}"
+            if action == pipeline.SUBMIT:
+                submitter.submit(f"python -m jobs.pipeline {uri}", self.settings, submission_id)
+                print(f"submitted {submission_id} for {uri}", flush=True)
+            elif action == pipeline.ARCHIVE_DUPLICATE:
+                batch_id = submission_id.removeprefix("pipeline-").split("-retry")[0]
+                archive_zip(self.s3, self.settings, self.settings.bucket_incoming, key, batch_id)
+                print(f"{uri}: same content as batch {batch_id}, already processed: archived", flush=True)
+            elif action == pipeline.GIVE_UP and key not in self._given_up:
+                self._given_up.add(key)
+                print(
+                    f"{uri}: pipeline failed {self.settings.pipeline_max_retries + 1} times; see job "
+                    f"{submission_id}; left in incoming/",
+                    flush=True,
+                )
+        return actions
+
+    def maybe_monitor(self) -> str | None:
+        """Submit the drift monitor when its interval has passed."""
+        if time.monotonic() - self.last_monitor < self.settings.monitor_interval_s:
+            return None
+        self.last_monitor = time.monotonic()
+        return submitter.submit("python -m jobs.monitor", self.settings)
+
+
+def ensure_running(settings: Settings) -> str:
+    """Submit the watcher loop as a Ray job unless one is already pending or running."""
+    client = submitter.job_client(settings)
+    for job in client.list_jobs():
+        if job.entrypoint == WATCHER_ENTRYPOINT and str(job.status.value) in pipeline.ACTIVE_JOB_STATES:
+            return job.submission_id
+    return submitter.submit(WATCHER_ENTRYPOINT, settings, f"watcher-{int(time.time())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.watch", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one scan, then exit")
+    mode.add_argument("--ensure", action="store_true", help="start the loop as a Ray job if not running")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.ensure:
+        print(f"watcher job: {ensure_running(settings)}")
+        return 0
+    watcher = Watcher(settings)
+    print(f"watching s3://{settings.bucket_incoming}/ every {settings.watch_interval_s} s", flush=True)
+    while True:
+        watcher.scan()
+        watcher.maybe_monitor()
+        if args.once:
+            return 0
+        time.sleep(settings.watch_interval_s)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
