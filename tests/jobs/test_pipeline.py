@@ -1,0 +1,94 @@
+"""The pipeline and its watcher against the real stack: resume after a failed stage, exactly once per
+ZIP content through Ray job submission, duplicates archived, one pipeline at a time."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from mlflow import MlflowClient
+
+from jobs import pipeline as pipeline_job
+from jobs import submit as submitter
+from jobs import train as train_job
+from jobs import watch as watch_job
+from lib import lake, registry
+from lib.pipeline import ARCHIVE_DUPLICATE, SUBMIT, SUCCEEDED, WAIT, record_key
+from lib.sample import SampleSpec, write_sample_zip
+from lib.storage import delete_prefix, exists, get_json, list_keys, put_bytes
+
+
+def sample_zip(seed: int, products: int = 120) -> bytes:
+    buf = io.BytesIO()
+    write_sample_zip(SampleSpec(products=products, seed=seed, image_size=48), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def clean(s3, stack):
+    for bucket in (stack.bucket_lake, stack.bucket_incoming):
+        delete_prefix(s3, bucket, "")
+    client = MlflowClient(stack.mlflow_uri)
+    if client.search_registered_models(f"name='{stack.registered_model_name}'"):
+        client.delete_registered_model(stack.registered_model_name)
+    yield
+
+
+def test_a_failed_stage_is_resumed_without_rerunning_the_others(ray_cluster, s3, stack, clean, monkeypatch):
+    put_bytes(s3, stack.bucket_incoming, "resume.zip", sample_zip(21))
+    uri = f"s3://{stack.bucket_incoming}/resume.zip"
+
+    def broken_train(*args, **kwargs):
+        raise RuntimeError("injected training failure")
+
+    monkeypatch.setattr(train_job, "run", broken_train)
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline_job.run(uri, stack)
+    batch_id = lake.committed_manifests(s3, stack)[0]["batch_id"]
+    record = get_json(s3, stack.bucket_lake, record_key(batch_id))
+    assert [record["stages"][s]["status"] for s in ("ingest", "embed", "train")] == [
+        SUCCEEDED,
+        SUCCEEDED,
+        "failed",
+    ]
+    ingested_at = record["stages"]["ingest"]["at"]
+
+    monkeypatch.undo()
+    # The ZIP is archived by now: the pipeline finds its record by the source URI and runs only `train`.
+    record = pipeline_job.run(uri, stack, trials=2, max_epochs=4)
+    assert record["stages"]["ingest"]["at"] == ingested_at
+    assert (
+        record["stages"]["train"]["status"] == SUCCEEDED and record["stages"]["train"]["result"]["promoted"]
+    )
+
+
+def test_watcher_submits_one_job_per_zip_content_and_archives_copies(ray_cluster, s3, stack, clean):
+    first, second = sample_zip(31), sample_zip(32)
+    put_bytes(s3, stack.bucket_incoming, "drop-1.zip", first)
+    put_bytes(s3, stack.bucket_incoming, "drop-2.zip", second)
+    watcher = watch_job.Watcher(stack)
+    actions = watcher.scan()
+    assert [a[0] for a in actions] == [SUBMIT, WAIT]  # one pipeline at a time
+    job_id = actions[0][2]
+    assert submitter.wait(watcher.jobs, job_id, timeout_s=600) == "SUCCEEDED", watcher.jobs.get_job_logs(
+        job_id
+    )[-3000:]
+
+    # A restarted watcher, and the first ZIP dropped again under a new name.
+    put_bytes(s3, stack.bucket_incoming, "drop-1-again.zip", first)
+    restarted = watch_job.Watcher(stack)
+    actions = dict((key, (action, sid)) for action, key, sid in restarted.scan())
+    assert actions["drop-1-again.zip"] == (ARCHIVE_DUPLICATE, job_id)
+    assert actions["drop-2.zip"][0] == SUBMIT
+    assert not exists(s3, stack.bucket_incoming, "drop-1-again.zip")
+    pipeline_jobs = [j for j in restarted.jobs.list_jobs() if (j.submission_id or "").startswith(job_id)]
+    assert len(pipeline_jobs) == 1
+    assert submitter.wait(restarted.jobs, actions["drop-2.zip"][1], timeout_s=600) == "SUCCEEDED"
+
+    # Both batches committed, a production model registered with the code's git sha, incoming/ empty.
+    assert len(lake.committed_manifests(s3, stack)) == 2
+    assert not list(list_keys(s3, stack.bucket_incoming))
+    client = MlflowClient(stack.mlflow_uri)
+    production = registry.version_by_alias(client, stack.registered_model_name, registry.PRODUCTION)
+    card = registry.load_version(client, stack.registered_model_name, production.version).card
+    assert card["git_sha"] not in {"", "unknown"}
