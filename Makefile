@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLE ?= .stack/sample.zip
 SAMPLE_PRODUCTS ?= 1500
+# A new seed gives a new batch (a re-run of the same sample is, by design, a no-op).
+SAMPLE_SEED ?= 0
 PYTEST_ARGS ?=
 
 .PHONY: install up down status logs demo test lint bench clean
@@ -18,8 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create the venv with every pinned dependency
 
-up: install  ## start S3, MLflow and Ray on 127.0.0.1 (idempotent)
+up: install  ## start S3, MLflow, Ray, the dashboard, Serve and the watcher on 127.0.0.1 (idempotent)
 	$(PY) -m lib.stack up
+	$(PY) -m serve.deploy
+	$(PY) -m jobs.watch --ensure
 
 down:  ## stop what `make up` started; data stays in .stack/
 	$(PY) -m lib.stack down
@@ -30,8 +34,8 @@ status:  ## each service, its PID, memory and URL
 logs:  ## last lines of every service log
 	$(PY) -m lib.stack logs
 
-demo: up  ## the whole story on a generated sample
-	$(PY) -m jobs.make_sample --out $(SAMPLE) --products $(SAMPLE_PRODUCTS) --seed 0
+demo: up  ## the whole story on a generated sample: pipeline, promotion, a prediction, URLs
+	$(PY) -m jobs.make_sample --out $(SAMPLE) --products $(SAMPLE_PRODUCTS) --seed $(SAMPLE_SEED)
 	$(PY) -m jobs.demo $(SAMPLE)
 
 test: install  ## the full test suite against a real stack of its own

@@ -24,9 +24,18 @@ from lib.encoders import encoder_ids, encoder_set_id
 from lib.provenance import git_sha
 from lib.rakuten import class_name
 from lib.settings import Settings, get_settings
-from lib.split import TEST
+from lib.split import TEST, TRAIN, VAL
 from lib.storage import s3_client
-from lib.train import Dataset, TrainConfig, build_dataset, configs_from_trial, load_trained, predict_logits
+from lib.train import (
+    Dataset,
+    TrainConfig,
+    build_dataset,
+    configs_from_trial,
+    fit_temperature,
+    load_trained,
+    predict_logits,
+    softmax,
+)
 from lib.train import train_model as fit
 
 TARGET = "val_f1_macro"
@@ -307,6 +316,17 @@ def run(
             if modality == "fusion":
                 final = (model_config, train_config, result, predicted)
         model_config, train_config, result, predicted = final
+        # Calibrated confidence: temperature fitted on the validation split, judged on the test split.
+        fusion = load_trained(model_config, result.state_dict)
+        val_text, val_image, y_val = data.part(VAL)
+        temperature = fit_temperature(predict_logits(fusion, val_text, val_image), y_val)
+        test_logits = predict_logits(fusion, text, image)
+        calibration = {
+            "temperature": temperature,
+            "test_ece_before": metrics.expected_calibration_error(softmax(test_logits), y_test),
+            "test_ece_after": metrics.expected_calibration_error(softmax(test_logits, temperature), y_test),
+        }
+        mlflow.log_metrics(calibration)
         test = ablation["fusion"]
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
         mlflow.log_metrics({f"ablation_{m}_test_f1_macro": v["f1_macro"] for m, v in ablation.items()})
@@ -334,6 +354,12 @@ def run(
             "data_fingerprint": data.fingerprint,
             "git_sha": sha,
             "test_metrics": test,
+            "temperature": temperature,
+            "calibration": calibration,
+            "class_counts_train": {
+                str(data.codes[i]): int(n)
+                for i, n in enumerate(np.bincount(data.part(TRAIN)[2], minlength=len(data.codes)))
+            },
             "best_epoch": result.best_epoch,
             "parent_run_id": parent.info.run_id,
         }

@@ -99,6 +99,44 @@ class Settings(BaseSettings):
         None, description="Code version recorded with models; set at submit time (jobs have no .git)."
     )
 
+    # --- dashboard -------------------------------------------------------------------------------
+    dash_cache_ttl_s: float = Field(30.0, description="How long the dashboard reuses one read of S3/MLflow.")
+    dash_refresh_s: float = Field(30.0, description="Auto-refresh period of the monitoring page.")
+    dash_request_timeout_s: float = Field(30.0, description="Timeout of the dashboard's calls to Serve.")
+    dash_probe_timeout_s: float = Field(2.0, description="Health probe of a service before reading from it.")
+    dash_similarity_rows: int = Field(
+        5000, description="Catalogue embeddings sampled into the dashboard for 'similar products'; 0 = off."
+    )
+    dash_similar_products: int = Field(6, description="Similar catalogue products shown per prediction.")
+    dash_grid_products: int = Field(24, description="Products kept per class for the catalogue grid.")
+    dash_max_prediction_rows: int = Field(50_000, description="Newest predictions read for monitoring.")
+    dash_recent_predictions: int = Field(25, description="Rows of the recent-predictions table.")
+    dash_max_runs: int = Field(100, description="Training runs read for the F1 history.")
+
+    # --- serving ---------------------------------------------------------------------------------
+    serve_app_name: str = "rakuten"
+    serve_auth_token: SecretStr | None = Field(
+        None, description="Bearer token for /predict*; required when host is not a loopback address."
+    )
+    abstain_threshold: float = Field(0.5, description="Predictions less confident than this abstain.")
+    serve_max_batch_size: int = Field(16, description="@serve.batch size of encoders and head (user_config).")
+    serve_batch_wait_timeout_s: float = Field(0.01, description="@serve.batch wait for a fuller batch.")
+    serve_max_ongoing_requests: int = Field(64, description="Concurrent requests per replica.")
+    serve_target_ongoing_requests: float = Field(24.0, description="Autoscaling target per replica.")
+    serve_min_replicas: int = 1
+    serve_max_replicas: int = 2
+    serve_ingress_cpus: float = Field(0.1, description="Fractional CPUs, so Serve fits beside Data/Tune.")
+    serve_encoder_cpus: float = 0.25
+    serve_model_cpus: float = 0.1
+    serve_model_poll_s: float = Field(5.0, description="How often replicas check the production alias.")
+    serve_max_body_bytes: int = Field(16_000_000, description="Larger request bodies get 413.")
+    serve_max_batch_items: int = Field(64, description="Items accepted by POST /predict/batch.")
+    serve_retry_deadline_s: float = Field(30.0, description="Retry window when a replica dies mid-request.")
+    serve_ready_timeout_s: float = Field(300.0, description="How long `serve.deploy` waits for /health.")
+    predlog_flush_rows: int = Field(256, description="Prediction-log rows per Parquet file (at most).")
+    predlog_flush_s: float = Field(10.0, description="Buffered prediction rows are written this often.")
+    predlog_max_buffer_rows: int = Field(20_000, description="Rows kept while S3 is down; older are dropped.")
+
     @field_validator("state_dir")
     @classmethod
     def _absolute_state_dir(cls, value: Path) -> Path:

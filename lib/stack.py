@@ -146,9 +146,19 @@ def _ray_service(settings: Settings) -> Service:
     )  # fmt: skip
 
 
+def _dash_service(settings: Settings) -> Service:
+    command = [sys.executable, "-m", "dash_app"]
+    return Service(
+        "dash", command, f"{settings.dash_url}/", settings.dash_url, settings.dash_port, stop_timeout_s=5
+    )
+
+
+CORE_SERVICES = ("s3", "mlflow", "ray")
+
+
 def services(settings: Settings) -> list[Service]:
-    """The stack's services, in start order."""
-    return [_s3_service(settings), _mlflow_service(settings), _ray_service(settings)]
+    """The stack's services, in start order (the dashboard last: it reads from the others)."""
+    return [_s3_service(settings), _mlflow_service(settings), _ray_service(settings), _dash_service(settings)]
 
 
 # --- process bookkeeping ------------------------------------------------------------------------

@@ -41,7 +41,8 @@ def stack(settings) -> Iterator:
     """The real local stack, started once for the session and stopped at the end."""
     from lib import stack as stack_mod
 
-    stack_mod.up(settings)
+    # The dashboard is started by its own browser tests.
+    stack_mod.up(settings, list(stack_mod.CORE_SERVICES))
     try:
         yield settings
     finally:

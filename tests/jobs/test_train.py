@@ -102,6 +102,8 @@ def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
         "test_accuracy",
         "ablation_text_test_f1_macro",
         "ablation_image_test_f1_macro",
+        "test_ece_before",
+        "test_ece_after",
         "ablation_fusion_test_f1_macro",
         "best_val_f1_macro",
     ):
@@ -131,6 +133,7 @@ def test_first_model_is_registered_and_promoted_with_its_card(trained, stack):
     loaded = registry.load_version(client, stack.registered_model_name, production.version)
     assert len(loaded.codes) == 27 and loaded.card["encoder_set_id"] == trained["lineage"]["encoder_set_id"]
     assert loaded.card["git_sha"] and loaded.card["batch_ids"] == trained["lineage"]["batch_ids"]
+    assert loaded.card["temperature"] > 0 and loaded.card["calibration"]["test_ece_after"] >= 0
     # The pyfunc flavour predicts probabilities too.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{stack.registered_model_name}@production")
     dims = loaded.card["model_config"]
