@@ -187,6 +187,20 @@ def tune_head(
     }
 
 
+def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str = "fusion"):
+    """Train one configuration on train (early stopping on val) and predict the test split.
+
+    Returns (model config, train config, train result, predicted label indices on the test split).
+    """
+    model_config, train_config = configs_from_trial(
+        config, data.text.shape[1], data.image.shape[1], len(data.codes), base, modality
+    )
+    result = fit(data, model_config, train_config)
+    text, image, _ = data.part(TEST)
+    predicted = predict_logits(load_trained(model_config, result.state_dict), text, image).argmax(1)
+    return model_config, train_config, result, predicted
+
+
 def score_codes(data: Dataset, loaded: registry.LoadedModel) -> float:
     """Test F1-macro of a registered model on THIS dataset's test split (codes compared, not indices)."""
     text, image, y = data.part(TEST)
@@ -306,12 +320,7 @@ def run(
         truth = np.array(data.codes)[y_test]
         ablation, final = {}, None
         for modality in ("fusion", "text", "image"):
-            model_config, train_config = configs_from_trial(
-                best["config"], data.text.shape[1], data.image.shape[1], len(data.codes), base, modality
-            )
-            result = fit(data, model_config, train_config)
-            model = load_trained(model_config, result.state_dict)
-            predicted = predict_logits(model, text, image).argmax(1)
+            model_config, train_config, result, predicted = fit_and_test(data, best["config"], base, modality)
             ablation[modality] = metrics.summary(y_test, predicted)
             if modality == "fusion":
                 final = (model_config, train_config, result, predicted)

@@ -1,0 +1,133 @@
+"""Tuning cost: 20 trials with ASHA early stopping versus the same 20 trials run to the end (FIFO).
+
+Same seed, same data, one run: wall time ratio ASHA/FIFO (target ≤ 0.5) and the best configuration's
+test F1-macro for each (target: within 0.01). On the real sample (if present) and on 20k generated
+products; also the text / image / fusion ablation of the real sample's best configuration.
+Embeddings come from the real pipeline (ingest + embed) in a stack of the benchmark's own.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+
+from benchmarks.common import bench_stack, print_table, real_data_dir, zip_real_sample
+from jobs import embed as embed_job
+from jobs import ingest as ingest_job
+from jobs import train as train_job
+from lib import metrics
+from lib.sample import SampleSpec, write_sample_zip
+from lib.split import TEST
+from lib.storage import delete_prefix, s3_client
+from lib.train import TrainConfig
+
+TRIALS = 20
+
+
+def load_catalogue(settings, zip_path: Path) -> dict:
+    """Reset the lake, ingest and embed one ZIP; returns the embed manifest."""
+    client = s3_client(settings)
+    for prefix in ("batches/", "images/", "embeddings/", "archive/", "pipeline/"):
+        delete_prefix(client, settings.bucket_lake, prefix)
+    client.upload_file(str(zip_path), settings.bucket_incoming, zip_path.name)
+    ingest_job.run(f"s3://{settings.bucket_incoming}/{zip_path.name}", settings)
+    return embed_job.run(settings)
+
+
+def compare(settings, name: str) -> tuple[list[list[object]], dict]:
+    """ASHA vs FIFO on the catalogue in the lake; returns table rows and the ablation of ASHA's best."""
+    data, lineage = train_job.load_dataset(settings, s3_client(settings))
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    experiment = mlflow.set_experiment(f"{settings.mlflow_experiment}-bench")
+    base = TrainConfig(
+        max_epochs=settings.tune_max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
+    )
+    _, _, y_test = data.part(TEST)
+    rows, ablation = [], {}
+    for scheduler in ("asha", "fifo"):
+        with mlflow.start_run(run_name=f"bench-{name}-{scheduler}") as parent:
+            t0 = time.perf_counter()
+            best = train_job.tune_head(
+                settings,
+                data,
+                parent.info.run_id,
+                experiment.experiment_id,
+                TRIALS,
+                settings.tune_max_epochs,
+                scheduler,
+            )
+            seconds = time.perf_counter() - t0
+        _, _, _, predicted = train_job.fit_and_test(data, best["config"], base)
+        test = metrics.summary(y_test, predicted)
+        rows.append(
+            [
+                name,
+                scheduler,
+                lineage["products"],
+                TRIALS,
+                best["stopped_early"],
+                seconds,
+                best["val_f1_macro"],
+                test["f1_macro"],
+                test["f1_weighted"],
+            ]
+        )
+        if scheduler == "asha":
+            for modality in ("text", "image", "fusion"):
+                _, _, _, predicted = train_job.fit_and_test(data, best["config"], base, modality)
+                ablation[modality] = metrics.summary(y_test, predicted)
+    return rows, ablation
+
+
+def main() -> None:
+    results, ablations = [], {}
+    with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
+        real = real_data_dir()
+        catalogues = []
+        if real:
+            catalogues.append(("real-sample", zip_real_sample(real, Path(tmp) / "real.zip")))
+        generated = Path(tmp) / "gen20000.zip"
+        write_sample_zip(SampleSpec(products=20_000, seed=20_000, image_size=128), generated)
+        catalogues.append(("generated-20k", generated))
+        for name, path in catalogues:
+            embedded = load_catalogue(settings, path)
+            print(f"{name}: {embedded['products']} products embedded ({embedded['items_per_s']} items/s)")
+            rows, ablations[name] = compare(settings, name)
+            results.extend(rows)
+    print_table(
+        f"Tuning: {TRIALS} trials, ASHA vs FIFO (same seed)",
+        [
+            "catalogue",
+            "scheduler",
+            "products",
+            "trials",
+            "stopped early",
+            "wall s",
+            "best val F1",
+            "test F1-macro",
+            "test F1-weighted",
+        ],
+        results,
+    )
+    for i in range(0, len(results), 2):
+        asha, fifo = results[i], results[i + 1]
+        print(
+            f"{asha[0]}: wall time ASHA/FIFO = {asha[5] / fifo[5]:.2f} (target ≤ 0.5); "
+            f"test F1-macro ASHA − FIFO = {asha[7] - fifo[7]:+.4f} (target within 0.01)"
+        )
+    print_table(
+        "Ablation on the held-out test split (ASHA's best configuration)",
+        ["catalogue", "modality", "test F1-macro", "test F1-weighted", "accuracy"],
+        [
+            [name, m, v["f1_macro"], v["f1_weighted"], v["accuracy"]]
+            for name, ab in ablations.items()
+            for m, v in ab.items()
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
