@@ -60,7 +60,8 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         .map_batches(
             EncoderWorker,
             fn_constructor_args=(settings,),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
+            # The whole CPU-sized pool from the start (on a cluster: actors on several nodes).
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
             num_cpus=settings.embed_actor_cpus,
             batch_size=settings.embed_batch_size,
             batch_format="pandas",

@@ -107,10 +107,18 @@ def encoder_pool_size(cluster_cpus: float, actor_cpus: float) -> int:
     return max(1, math.floor((cluster_cpus - 1) / actor_cpus))
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on; None outside Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class EncoderWorker:
     """Encodes a batch of embedding inputs (a Ray Data actor; also usable in-process).
 
-    Missing modalities get a zero vector and a false flag, so every row has both columns.
+    Missing modalities get a zero vector and a false flag, so every row has both columns. Each row records
+    the Ray node that encoded it (``node_id``), which shows how the work spread over the cluster.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -122,6 +130,7 @@ class EncoderWorker:
         self.image_encoder = build_image_encoder(settings)
         self._client = s3_client(settings)
         self._pool = ThreadPoolExecutor(settings.upload_threads)
+        self.node_id = _ray_node_id()
 
     def _images(self, keys: list[str]) -> list[bytes]:
         bucket = self.settings.bucket_lake
@@ -152,5 +161,6 @@ class EncoderWorker:
                 "image_emb": pa.FixedSizeListArray.from_arrays(image_emb.ravel(), image_dim),
                 "text_encoder": pa.array([self.text_encoder.id.key] * n, pa.string()),
                 "image_encoder": pa.array([self.image_encoder.id.key] * n, pa.string()),
+                "node_id": pa.array([self.node_id] * n, pa.string()),
             }
         )
