@@ -10,14 +10,19 @@ from collections.abc import Iterator
 
 import pytest
 
-# Ports of the test stack (the developer stack uses the defaults from lib.settings).
-TEST_ENV = {
+# Ports of the test stack (the developer stack uses the defaults from lib.settings). Two test sessions
+# can run side by side with RAKUTEN_TEST_PORT_OFFSET (e.g. 100) in one of them.
+_OFFSET = int(os.environ.get("RAKUTEN_TEST_PORT_OFFSET", "0"))
+TEST_PORTS = {
     "RAKUTEN_S3_PORT": "29000",
     "RAKUTEN_MLFLOW_PORT": "25000",
     "RAKUTEN_RAY_GCS_PORT": "26379",
     "RAKUTEN_RAY_DASHBOARD_PORT": "28265",
     "RAKUTEN_SERVE_PORT": "28000",
     "RAKUTEN_DASH_PORT": "28050",
+}
+TEST_ENV = {
+    **{name: str(int(port) + _OFFSET) for name, port in TEST_PORTS.items()},
     "RAKUTEN_RAY_NUM_CPUS": "2",
     "RAKUTEN_TUNE_TRIALS": "3",
     "RAKUTEN_TUNE_MAX_EPOCHS": "3",
