@@ -17,15 +17,16 @@ from lib import stack as stack_mod
 from lib.rakuten import X_FILE, Y_FILE
 from lib.settings import PROJECT_ROOT, Settings
 
-# Benchmarks run on their own ports and state so they never disturb `make up` or the tests.
+# Benchmarks run on their own ports and state so they never disturb `make up` or the tests. Ports stay
+# below Linux's ephemeral range (32768+) and clear of the test stack's (S3 29000 has gRPC on 39000).
 BENCH_ENV = {
     "RAKUTEN_STATE_DIR": str(PROJECT_ROOT / ".stack" / "bench"),
-    "RAKUTEN_S3_PORT": "39000",
-    "RAKUTEN_MLFLOW_PORT": "35000",
-    "RAKUTEN_RAY_GCS_PORT": "36379",
-    "RAKUTEN_RAY_DASHBOARD_PORT": "38265",
-    "RAKUTEN_SERVE_PORT": "38000",
-    "RAKUTEN_DASH_PORT": "38050",
+    "RAKUTEN_S3_PORT": "30000",
+    "RAKUTEN_MLFLOW_PORT": "30500",
+    "RAKUTEN_RAY_GCS_PORT": "30379",
+    "RAKUTEN_RAY_DASHBOARD_PORT": "30265",
+    "RAKUTEN_SERVE_PORT": "30800",
+    "RAKUTEN_DASH_PORT": "30850",
 }
 
 

@@ -119,15 +119,23 @@ class Settings(BaseSettings):
         None, description="Bearer token for /predict*; required when host is not a loopback address."
     )
     abstain_threshold: float = Field(0.5, description="Predictions less confident than this abstain.")
-    serve_max_batch_size: int = Field(16, description="@serve.batch size of encoders and head (user_config).")
-    serve_batch_wait_timeout_s: float = Field(0.01, description="@serve.batch wait for a fuller batch.")
+    serve_max_batch_size: int = Field(16, description="@serve.batch size of every deployment (user_config).")
+    serve_batch_wait_timeout_s: float = Field(0.01, description="Ingress @serve.batch wait for more.")
+    serve_inner_batch_wait_timeout_s: float = Field(
+        0.0, description="Encoders' and head's wait (they get groups the ingress batched); 0 = no wait."
+    )
     serve_max_ongoing_requests: int = Field(64, description="Concurrent requests per replica.")
-    serve_target_ongoing_requests: float = Field(24.0, description="Autoscaling target per replica.")
+    serve_target_ongoing_requests: float = Field(
+        2.0, description="Autoscaling target of encoder/head replicas, in ingress batches in flight."
+    )
     serve_min_replicas: int = 1
     serve_max_replicas: int = 2
     serve_ingress_cpus: float = Field(0.1, description="Fractional CPUs, so Serve fits beside Data/Tune.")
     serve_encoder_cpus: float = 0.25
     serve_model_cpus: float = 0.1
+    serve_encoder_threads: int = Field(
+        1, description="Intra-op threads of a serving encoder (2 spin against the proxy on 2 cores)."
+    )
     serve_model_poll_s: float = Field(5.0, description="How often replicas check the production alias.")
     serve_max_body_bytes: int = Field(16_000_000, description="Larger request bodies get 413.")
     serve_max_batch_items: int = Field(64, description="Items accepted by POST /predict/batch.")

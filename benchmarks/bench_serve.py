@@ -1,0 +1,366 @@
+"""Serving throughput and latency: Ray Serve with dynamic batching, the same with batch size 1, and a
+plain single-process FastAPI + uvicorn endpoint doing the same work per request (the reference design).
+
+Text-only (JSON) and text+image (multipart, 256 px JPEG) requests at concurrency 1, 8 and 32, on the
+benchmark's own stack with a production model trained by the real pipeline on a generated sample.
+Targets: batched/unbatched throughput >= 3 at concurrency 32; text-only p99 <= 300 ms at concurrency 8.
+
+``python -m benchmarks.bench_serve``  (``--reference PORT`` runs the reference server; used internally)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+from starlette.requests import Request  # module level: FastAPI resolves the route's string annotations here
+
+from benchmarks.common import bench_stack, print_table
+from lib.settings import PROJECT_ROOT, Settings, get_settings
+
+CONCURRENCY = (1, 8, 32)
+REQUESTS = {1: 40, 8: 160, 32: 320}  # measured requests per (design, payload, concurrency)
+WARMUP_PER_WORKER = 2
+SAMPLE_PRODUCTS = 300
+SAMPLE_SEED = 5
+PAYLOAD_PRODUCTS = 64
+IMAGE_SIZE = 256
+TRAIN_TRIALS, TRAIN_EPOCHS = 2, 8
+REFERENCE_PORT_OFFSET = 1  # the reference server listens on serve_port + 1
+REQUEST_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 300
+DEPLOY_SETTLE_S = 3
+
+
+# --- data and model ------------------------------------------------------------------------------
+
+
+def build_production_model(settings: Settings) -> pd.DataFrame:
+    """As tests/conftest.build_production_model: fresh lake and registry, ingest → embed → train.
+
+    Returns the catalogue with an ``image`` column (JPEG bytes) for the request payloads.
+    """
+    from mlflow import MlflowClient
+
+    from jobs import embed as embed_job
+    from jobs import ingest as ingest_job
+    from jobs import train as train_job
+    from lib.sample import SampleSpec, write_sample_zip
+    from lib.storage import delete_prefix, put_bytes, s3_client
+
+    client = s3_client(settings)
+    for bucket in (settings.bucket_lake, settings.bucket_incoming):
+        delete_prefix(client, bucket, "")
+    registry_client = MlflowClient(settings.mlflow_uri)
+    if registry_client.search_registered_models(f"name='{settings.registered_model_name}'"):
+        registry_client.delete_registered_model(settings.registered_model_name)
+    buf = io.BytesIO()
+    spec = SampleSpec(products=SAMPLE_PRODUCTS, seed=SAMPLE_SEED, image_size=IMAGE_SIZE)
+    catalogue = write_sample_zip(spec, buf)
+    put_bytes(client, settings.bucket_incoming, "bench-serve.zip", buf.getvalue())
+    ingest_job.run(f"s3://{settings.bucket_incoming}/bench-serve.zip", settings)
+    embed_job.run(settings)
+    trained = train_job.run(settings, trials=TRAIN_TRIALS, max_epochs=TRAIN_EPOCHS)
+    print(f"production model: version {trained['version']}, test F1-macro {trained['test']['f1_macro']:.3f}")
+    with zipfile.ZipFile(buf) as archive:
+        images = {name.rsplit("/", 1)[-1]: archive.read(name) for name in archive.namelist()}
+    catalogue = catalogue.head(PAYLOAD_PRODUCTS).copy()
+    catalogue["image"] = [
+        images.get(f"image_{i}_product_{p}.jpg")
+        for i, p in zip(catalogue.imageid, catalogue.productid, strict=True)
+    ]
+    return catalogue
+
+
+def text_payloads(catalogue: pd.DataFrame) -> list[tuple[bytes, str]]:
+    return [
+        (json.dumps({"designation": d, "description": s}).encode(), "application/json")
+        for d, s in zip(catalogue.designation, catalogue.description.fillna(""), strict=True)
+    ]
+
+
+def multipart_payloads(catalogue: pd.DataFrame) -> list[tuple[bytes, str]]:
+    out = []
+    for d, s, image in zip(
+        catalogue.designation, catalogue.description.fillna(""), catalogue.image, strict=True
+    ):
+        boundary = uuid.uuid4().hex
+        body = io.BytesIO()
+        for name, value in (("designation", d), ("description", s)):
+            body.write(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            )
+        body.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n".encode()
+        )
+        body.write(image + f"\r\n--{boundary}--\r\n".encode())
+        out.append((body.getvalue(), f"multipart/form-data; boundary={boundary}"))
+    return out
+
+
+# --- load generator ------------------------------------------------------------------------------
+
+
+async def _load(url: str, payloads: list[tuple[bytes, str]], concurrency: int, requests: int) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(requests))
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for i in counter:
+            body, ctype = payloads[i % len(payloads)]
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers={"content-type": ctype}) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    errors.append(f"{resp.status} {text[:200]}")
+                    continue
+            latencies.append(time.perf_counter() - t0)
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    if errors:
+        print(f"  {len(errors)} failed requests, first: {errors[0]}")
+    ms = np.array(latencies or [np.nan]) * 1000
+    return {
+        "rps": len(latencies) / elapsed,  # successful requests only
+        "p50": float(np.percentile(ms, 50)),
+        "p99": float(np.percentile(ms, 99)),
+        "errors": len(errors),
+    }
+
+
+def measure(url: str, payloads: list[tuple[bytes, str]], concurrency: int) -> dict:
+    """Warm up, then send ``REQUESTS[concurrency]`` requests with ``concurrency`` in flight."""
+    asyncio.run(_load(url, payloads, concurrency, WARMUP_PER_WORKER * concurrency))
+    return asyncio.run(_load(url, payloads, concurrency, REQUESTS[concurrency]))
+
+
+def run_design(name: str, url: str, payload_sets: dict[str, list]) -> list[list[object]]:
+    rows = []
+    for kind, payloads in payload_sets.items():
+        for concurrency in CONCURRENCY:
+            r = measure(url, payloads, concurrency)
+            rows.append(
+                [name, kind, concurrency, REQUESTS[concurrency], r["rps"], r["p50"], r["p99"], r["errors"]]
+            )
+            print(
+                f"  {name:14s} {kind:10s} c={concurrency:<3d} {r['rps']:6.1f} req/s  p99 {r['p99']:6.0f} ms"
+            )
+    return rows
+
+
+# --- the designs -----------------------------------------------------------------------------------
+
+
+def wait_until_up(url: str, timeout_s: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not up after {timeout_s:.0f} s")
+
+
+@contextmanager
+def reference_server(settings: Settings) -> Iterator[str]:
+    """The reference design in a subprocess (started and stopped here)."""
+    port = settings.serve_port + REFERENCE_PORT_OFFSET
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bench_serve", "--reference", str(port)], env=os.environ
+    )
+    try:
+        wait_until_up(f"http://{settings.host}:{port}/health", STARTUP_TIMEOUT_S)
+        yield f"http://{settings.host}:{port}/predict"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def reference_app(settings: Settings):
+    """One process, no batching: FastAPI runs each request's work in its thread pool (same encoders)."""
+    import torch
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
+    from mlflow import MlflowClient
+
+    from lib import registry
+    from lib.encoders import build_image_encoder, build_text_encoder
+    from serve import logic
+
+    torch.set_num_threads(1)
+    client = MlflowClient(settings.mlflow_uri)
+    production = registry.version_by_alias(client, settings.registered_model_name, registry.PRODUCTION)
+    loaded = registry.load_version(client, settings.registered_model_name, production.version)
+    same_encoders = settings.model_copy(update={"encoder_threads": settings.serve_encoder_threads})
+    text_encoder, image_encoder = build_text_encoder(same_encoders), build_image_encoder(same_encoders)
+    config = loaded.card["model_config"]
+
+    def work(body: bytes, content_type: str | None) -> tuple[int, dict]:
+        try:
+            item = logic.parse_predict(body, content_type, settings)
+        except logic.InputError as exc:
+            return exc.status, {"detail": exc.detail}
+        text = text_encoder.encode([item.text])[0] if item.has_text else None
+        image = None
+        if item.has_image:
+            encoded = logic.encode_isolating(image_encoder.encode, [item.image])[0]
+            if isinstance(encoded, str):
+                return 422, {"detail": encoded}
+            image = encoded
+        t = logic.stack_inputs([text], config["text_dim"])
+        i = logic.stack_inputs([image], config["image_dim"])
+        probs = logic.probabilities(loaded.logits(t, i), loaded.card.get("temperature", 1.0))
+        name = settings.registered_model_name
+        return 200, logic.prediction(probs[0], loaded.card, settings.abstain_threshold, name, loaded.version)
+
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model_version": loaded.version}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        status, body = await run_in_threadpool(
+            work, await request.body(), request.headers.get("content-type")
+        )
+        return JSONResponse(body, status_code=status)
+
+    return app
+
+
+def serve_config(settings: Settings, max_batch_size: int | None = None) -> dict:
+    """serve/config.yaml for this stack, one replica per deployment (batching alone is compared);
+    ``max_batch_size`` overrides every deployment's user_config."""
+    import yaml
+
+    from serve.app import INNER_DEPLOYMENTS, batch_configs
+
+    config = yaml.safe_load((PROJECT_ROOT / "serve" / "config.yaml").read_text())
+    config["http_options"] = {"host": settings.host, "port": settings.serve_port}
+    app = config["applications"][0]
+    app["name"] = settings.serve_app_name
+    pinned = {
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "target_ongoing_requests": settings.serve_target_ongoing_requests,
+    }
+    overrides: dict[str, dict] = {name: {"name": name} for name in batch_configs(settings)}
+    for name in INNER_DEPLOYMENTS:
+        overrides[name]["autoscaling_config"] = pinned
+    if max_batch_size is not None:
+        for name, user_config in batch_configs(settings, max_batch_size).items():
+            overrides[name]["user_config"] = user_config
+    app["deployments"] = list(overrides.values())
+    return config
+
+
+def serve_deploy(settings: Settings, config: dict) -> str:
+    """``serve deploy`` (declarative: a user_config change reconfigures the running replicas in place)."""
+    import tempfile
+
+    import yaml
+    from ray import serve
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(config, f)
+        f.flush()
+        serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+        subprocess.run(
+            [serve_cli, "deploy", f.name, "-a", settings.ray_dashboard_url], check=True, capture_output=True
+        )
+    time.sleep(DEPLOY_SETTLE_S)  # let the controller pick the new config up before polling its status
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while serve.status().applications[settings.serve_app_name].status != "RUNNING":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application not RUNNING after {STARTUP_TIMEOUT_S} s")
+        time.sleep(1)
+    wait_until_up(f"{settings.serve_url}/health", STARTUP_TIMEOUT_S)
+    return f"{settings.serve_url}/predict"
+
+
+def main() -> None:
+    import ray
+    from ray import serve
+
+    rows: list[list[object]] = []
+    with bench_stack() as settings:
+        ray.init(address=settings.ray_address, logging_level="WARNING", log_to_driver=False)
+        try:
+            catalogue = build_production_model(settings)
+            payload_sets = {"text": text_payloads(catalogue), "text+image": multipart_payloads(catalogue)}
+            try:
+                rows += run_design(
+                    "serve batched", serve_deploy(settings, serve_config(settings)), payload_sets
+                )
+                url = serve_deploy(
+                    settings, serve_config(settings, max_batch_size=1)
+                )  # reconfigured in place
+                rows += run_design("serve batch=1", url, payload_sets)
+            finally:
+                serve.shutdown()  # frees its CPUs and memory for the reference run
+            with reference_server(settings) as url:
+                rows += run_design("fastapi plain", url, payload_sets)
+        finally:
+            ray.shutdown()
+    print_table(
+        f"Serving on {os.cpu_count()} CPUs (max_batch_size {settings.serve_max_batch_size}, "
+        f"wait {settings.serve_batch_wait_timeout_s * 1000:.0f} ms)",
+        ["design", "payload", "concurrency", "requests", "req/s", "p50 ms", "p99 ms", "errors"],
+        rows,
+    )
+    by_key = {(r[0], r[1], r[2]): r for r in rows}
+    for kind in ("text", "text+image"):
+        ratio = by_key[("serve batched", kind, 32)][4] / by_key[("serve batch=1", kind, 32)][4]
+        print(f"{kind}: batched / batch=1 throughput at concurrency 32 = {ratio:.2f} (target >= 3)")
+    p99 = by_key[("serve batched", "text", 8)][6]
+    print(f"text p99 at concurrency 8 (serve batched) = {p99:.0f} ms (target <= 300)")
+
+
+def reference_main(port: int) -> None:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(reference_app(settings), host=settings.host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_serve", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--reference", type=int, metavar="PORT", help="run the reference FastAPI server")
+    args = parser.parse_args()
+    if args.reference:
+        reference_main(args.reference)
+    else:
+        main()
