@@ -82,6 +82,7 @@ def _train_summary(out: dict) -> dict:
         return {"skipped": True, "reason": out["reason"]}
     return {
         "version": out["version"],
+        "run_id": out["run_id"],
         "test": out["test"],
         "ablation": out["ablation"],
         "promoted": out["decision"]["promoted"],
