@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 
@@ -25,10 +24,14 @@ def ray_data_mapper(
 ) -> pd.DataFrame:
     """Run ``fn`` over partitions of ``frame`` as Ray Data tasks (progress bars included).
 
-    Half a CPU per task: the work is mostly S3 round-trips, and it leaves room for other stages.
+    Fractional CPUs per task: the work is mostly S3 round-trips, and Serve or a Tune run may hold CPUs.
+    Partitions are cut here (a `repartition` task would need a whole free CPU).
     """
     import ray
 
-    partitions = max(1, math.ceil(len(frame) / partition_size))
-    dataset = ray.data.from_pandas(frame).repartition(partitions)
-    return dataset.map_batches(fn, batch_format="pandas", batch_size=None, num_cpus=0.5).to_pandas()
+    from lib.settings import get_settings
+
+    chunks = [frame.iloc[i : i + partition_size] for i in range(0, len(frame), partition_size)] or [frame]
+    dataset = ray.data.from_pandas(chunks)
+    cpus = get_settings().data_task_cpus
+    return dataset.map_batches(fn, batch_format="pandas", batch_size=None, num_cpus=cpus).to_pandas()

@@ -18,7 +18,7 @@ from lib.embed import (
     RUN_MANIFEST,
     EncoderWorker,
     embedding_inputs,
-    encoder_pool_size,
+    plan_encoder_pool,
     read_embeddings,
     run_prefix,
 )
@@ -44,32 +44,41 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     done = set(read_embeddings(client, settings, set_id, ["embed_hash"])["embed_hash"])
     todo = inputs[~inputs["embed_hash"].isin(done)].reset_index(drop=True)
     summary = {
-        "encoder_set_id": set_id, "text_encoder": text_id.key, "image_encoder": image_id.key,
-        "products": len(inputs), "cached": len(inputs) - len(todo), "encoded": len(todo),
-    }  # fmt: skip
+        "encoder_set_id": set_id,
+        "text_encoder": text_id.key,
+        "image_encoder": image_id.key,
+        "products": len(inputs),
+        "cached": len(inputs) - len(todo),
+        "encoded": len(todo),
+    }
     if todo.empty:
         return {**summary, "run_id": None, "seconds": round(time.monotonic() - t0, 2), "items_per_s": 0.0}
 
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    cpus = ray.cluster_resources().get("CPU", 1)
-    pool = encoder_pool_size(cpus, settings.embed_actor_cpus)
+    pool, actor_cpus = plan_encoder_pool(
+        ray.cluster_resources().get("CPU", 1),
+        ray.available_resources().get("CPU", 0),
+        settings.embed_actor_cpus,
+        settings.embed_reserve_cpus,
+    )
     blocks = max(pool, math.ceil(len(todo) / (settings.embed_batch_size * 8)))
-    encoded = (
-        ray.data.from_pandas(todo)
-        .repartition(blocks)
-        .map_batches(
-            EncoderWorker,
-            fn_constructor_args=(settings,),
-            # The whole CPU-sized pool from the start (on a cluster: actors on several nodes).
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
-            num_cpus=settings.embed_actor_cpus,
-            batch_size=settings.embed_batch_size,
-            batch_format="pandas",
-        )
+    size = math.ceil(len(todo) / blocks)
+    # Blocks made here rather than by `repartition`, whose task would need a whole free CPU.
+    chunks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]
+    encoded = ray.data.from_pandas(chunks).map_batches(
+        EncoderWorker,
+        fn_constructor_args=(settings,),
+        # The whole pool from the start (on a cluster: actors on several nodes).
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
+        num_cpus=actor_cpus,
+        batch_size=settings.embed_batch_size,
+        batch_format="pandas",
     )
     t_encode = time.monotonic()
     encoded.write_parquet(
-        f"{settings.bucket_lake}/{run_prefix(set_id, run_id)}", filesystem=arrow_fs(settings)
+        f"{settings.bucket_lake}/{run_prefix(set_id, run_id)}",
+        filesystem=arrow_fs(settings),
+        ray_remote_args={"num_cpus": settings.data_task_cpus},
     )
     seconds = time.monotonic() - t_encode
     manifest = {

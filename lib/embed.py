@@ -114,6 +114,23 @@ def _ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def plan_encoder_pool(
+    total_cpus: float, available_cpus: float, actor_cpus: float, reserve_cpus: float
+) -> tuple[int, float]:
+    """(actors, CPUs per actor) that fit what is free now, keeping ``reserve_cpus`` for the other tasks.
+
+    Other work holds CPUs on a live cluster (Serve replicas, a Tune run): a pool sized from the total
+    would wait forever for them. When not even one actor of ``actor_cpus`` fits, the single actor asks for
+    what is free (Ray's CPUs are a reservation, not a limit: its threads still use the cores).
+    """
+    free = max(available_cpus - reserve_cpus, 0.0)
+    if free >= actor_cpus:
+        return max(
+            1, min(encoder_pool_size(total_cpus, actor_cpus), math.floor(free / actor_cpus))
+        ), actor_cpus
+    return 1, max(round(free, 2), 0.05)
+
+
 class EncoderWorker:
     """Encodes a batch of embedding inputs (a Ray Data actor; also usable in-process).
 

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     encoder_threads: int = Field(2, description="Intra-op threads of one encoder worker.")
     embed_batch_size: int = 32
     embed_actor_cpus: float = Field(1.0, description="CPUs reserved per encoder actor (fractional is fine).")
+    embed_reserve_cpus: float = Field(
+        0.5, description="CPUs left free beside the encoder actors for Ray Data's other tasks (no deadlock)."
+    )
+    data_task_cpus: float = Field(0.25, description="CPUs of one Ray Data I/O task (ingest images, writes).")
 
     # --- orchestration -----------------------------------------------------------------------------
     watch_interval_s: float = Field(5.0, description="How often the watcher lists incoming/.")

@@ -78,6 +78,16 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     )
 
 
+def test_encoder_pool_fits_what_is_free_now():
+    from lib.embed import plan_encoder_pool
+
+    assert plan_encoder_pool(2, 2, 1.0, 0.5) == (1, 1.0)
+    assert plan_encoder_pool(4, 4, 1.0, 0.5) == (3, 1.0)
+    # Serve holds 0.7 CPU of 2: a 1-CPU actor plus the other tasks would never be scheduled.
+    assert plan_encoder_pool(2, 1.3, 1.0, 0.5) == (1, 0.8)
+    assert plan_encoder_pool(2, 0.2, 1.0, 0.5) == (1, 0.05)
+
+
 def test_encoder_pool_leaves_a_cpu_for_the_other_tasks():
     assert encoder_pool_size(2, 1.0) == 1
     assert encoder_pool_size(4, 1.0) == 3

@@ -19,7 +19,7 @@ from lib.train import softmax
 
 def log_predictions(settings, text: np.ndarray, image: np.ndarray, loaded, codes_override=None) -> None:
     """Write prediction-log rows as Serve would, for the given inputs."""
-    probs = softmax(loaded.logits(text, image))
+    probs = softmax(loaded.logits(text, image), loaded.card.get("temperature", 1.0))  # as Serve does
     codes = np.array(loaded.codes)
     rows = []
     for i in range(len(text)):

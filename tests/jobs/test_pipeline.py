@@ -18,6 +18,15 @@ from lib.sample import SampleSpec, write_sample_zip
 from lib.storage import delete_prefix, exists, get_json, list_keys, put_bytes
 
 
+def wait_succeeded(jobs, submission_id: str) -> None:
+    """Wait for a pipeline job; on failure or timeout, show its log."""
+    try:
+        state = submitter.wait(jobs, submission_id, timeout_s=900)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\n{jobs.get_job_logs(submission_id)[-4000:]}")
+    assert state == "SUCCEEDED", jobs.get_job_logs(submission_id)[-4000:]
+
+
 def sample_zip(seed: int, products: int = 120) -> bytes:
     buf = io.BytesIO()
     write_sample_zip(SampleSpec(products=products, seed=seed, image_size=48), buf)
@@ -83,7 +92,7 @@ def test_watcher_submits_one_job_per_zip_content_and_archives_copies(ray_cluster
     assert not exists(s3, stack.bucket_incoming, "drop-1-again.zip")
     pipeline_jobs = [j for j in restarted.jobs.list_jobs() if (j.submission_id or "").startswith(job_id)]
     assert len(pipeline_jobs) == 1
-    assert submitter.wait(restarted.jobs, actions["drop-2.zip"][1], timeout_s=600) == "SUCCEEDED"
+    wait_succeeded(restarted.jobs, actions["drop-2.zip"][1])
 
     # Both batches committed, a production model registered with the code's git sha, incoming/ empty.
     assert len(lake.committed_manifests(s3, stack)) == 2
