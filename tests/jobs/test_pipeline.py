@@ -79,9 +79,7 @@ def test_watcher_submits_one_job_per_zip_content_and_archives_copies(ray_cluster
     actions = watcher.scan()
     assert [a[0] for a in actions] == [SUBMIT, WAIT]  # one pipeline at a time
     job_id = actions[0][2]
-    assert submitter.wait(watcher.jobs, job_id, timeout_s=600) == "SUCCEEDED", watcher.jobs.get_job_logs(
-        job_id
-    )[-3000:]
+    wait_succeeded(watcher.jobs, job_id)
 
     # A restarted watcher, and the first ZIP dropped again under a new name.
     put_bytes(s3, stack.bucket_incoming, "drop-1-again.zip", first)
