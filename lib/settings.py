@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key: SecretStr = SecretStr("rakuten")
     s3_secret_key: SecretStr = SecretStr("rakuten-secret-key")
+    s3_request_timeout_s: float = Field(120.0, description="Per-request timeout of pyarrow's S3 client.")
     bucket_incoming: str = "incoming"
     bucket_lake: str = "lake"
     bucket_mlflow: str = "mlflow"

@@ -51,6 +51,10 @@ def arrow_fs(settings: Settings | None = None) -> pafs.S3FileSystem:
         access_key=s.s3_access_key.get_secret_value(),
         secret_key=s.s3_secret_key.get_secret_value(),
         allow_bucket_creation=False,
+        # A loaded 2-core node can stall an upload part for tens of seconds; the default timeout failed it.
+        request_timeout=s.s3_request_timeout_s,
+        connect_timeout=s.s3_request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5),
     )
 
 
