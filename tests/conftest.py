@@ -86,20 +86,11 @@ def lake_reset(s3, stack):
         delete_prefix(s3, bucket, "")
 
 
-def build_production_model(settings, products: int = 300, seed: int = 5) -> dict:
-    """The real pipeline on a small generated sample: ingest → embed (real encoders) → train → promote.
-
-    Leaves a fresh lake and registry holding exactly that batch and one production model version.
-    """
-    import io
-
+def reset_lake_and_registry(settings) -> None:
+    """Empty the lake and incoming buckets and delete the registered model: a system with no history."""
     from mlflow import MlflowClient
 
-    from jobs import embed as embed_job
-    from jobs import ingest as ingest_job
-    from jobs import train as train_job
-    from lib.sample import SampleSpec, write_sample_zip
-    from lib.storage import delete_prefix, put_bytes, s3_client
+    from lib.storage import delete_prefix, s3_client
 
     client = s3_client(settings)
     for bucket in (settings.bucket_lake, settings.bucket_incoming):
@@ -107,6 +98,23 @@ def build_production_model(settings, products: int = 300, seed: int = 5) -> dict
     registry_client = MlflowClient(settings.mlflow_uri)
     if registry_client.search_registered_models(f"name='{settings.registered_model_name}'"):
         registry_client.delete_registered_model(settings.registered_model_name)
+
+
+def build_production_model(settings, products: int = 300, seed: int = 5) -> dict:
+    """The real pipeline on a small generated sample: ingest → embed (real encoders) → train → promote.
+
+    Leaves a fresh lake and registry holding exactly that batch and one production model version.
+    """
+    import io
+
+    from jobs import embed as embed_job
+    from jobs import ingest as ingest_job
+    from jobs import train as train_job
+    from lib.sample import SampleSpec, write_sample_zip
+    from lib.storage import put_bytes, s3_client
+
+    reset_lake_and_registry(settings)
+    client = s3_client(settings)
     buf = io.BytesIO()
     catalogue = write_sample_zip(SampleSpec(products=products, seed=seed, image_size=96), buf)
     put_bytes(client, settings.bucket_incoming, "model-sample.zip", buf.getvalue())

@@ -15,7 +15,8 @@ from jobs import watch as watch_job
 from lib import lake, registry
 from lib.pipeline import ARCHIVE_DUPLICATE, SUBMIT, SUCCEEDED, WAIT, record_key
 from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import delete_prefix, exists, get_json, list_keys, put_bytes
+from lib.storage import exists, get_json, list_keys, put_bytes
+from tests.conftest import reset_lake_and_registry
 
 
 def wait_succeeded(jobs, submission_id: str) -> None:
@@ -35,11 +36,7 @@ def sample_zip(seed: int, products: int = 120) -> bytes:
 
 @pytest.fixture
 def clean(s3, stack):
-    for bucket in (stack.bucket_lake, stack.bucket_incoming):
-        delete_prefix(s3, bucket, "")
-    client = MlflowClient(stack.mlflow_uri)
-    if client.search_registered_models(f"name='{stack.registered_model_name}'"):
-        client.delete_registered_model(stack.registered_model_name)
+    reset_lake_and_registry(stack)
     yield
 
 

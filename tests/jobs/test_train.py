@@ -21,7 +21,8 @@ from lib.encoders import encoder_ids, encoder_set_id
 from lib.model import FusionConfig, MultimodalMLP
 from lib.sample import SampleSpec, write_sample_zip
 from lib.settings import PROJECT_ROOT
-from lib.storage import delete_prefix, put_bytes, put_json, put_table, s3_client
+from lib.storage import put_bytes, put_json, put_table, s3_client
+from tests.conftest import reset_lake_and_registry
 
 
 def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> None:
@@ -68,12 +69,8 @@ def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> N
 @pytest.fixture(scope="module")
 def trained(ray_cluster, stack):
     """A fresh lake and registry, 400 ingested products with embeddings, one 3-trial tuning run."""
+    reset_lake_and_registry(stack)
     client = s3_client(stack)
-    for bucket in (stack.bucket_lake, stack.bucket_incoming):
-        delete_prefix(client, bucket, "")
-    mlflow_client = MlflowClient(stack.mlflow_uri)
-    if mlflow_client.search_registered_models(f"name='{stack.registered_model_name}'"):
-        mlflow_client.delete_registered_model(stack.registered_model_name)
     buf = io.BytesIO()
     write_sample_zip(SampleSpec(products=400, seed=11, image_size=32), buf)
     put_bytes(client, stack.bucket_incoming, "train.zip", buf.getvalue())
