@@ -3,12 +3,12 @@
 Three ways to embed the same products (2,000 generated ones with 256 px JPEGs, and the real sample if
 :func:`benchmarks.common.real_data_dir` finds it):
 
-(a) limit: one process calling the shipped encoders (USE-m3, EfficientNet-Lite0 on ONNX Runtime,
-    ``settings.encoder_threads`` threads) in a plain loop with ``settings.embed_batch_size``, images
-    already in memory as bytes: no Ray, no S3, no Parquet. Model loading is excluded (warm-up batch).
+(a) limit: one process calling the shipped encoders (USE-m3, EfficientNet-Lite0 on ONNX Runtime, one
+    intra-op thread per core) in a plain loop with ``settings.embed_batch_size``, images already in
+    memory as bytes: no Ray, no S3, no Parquet. Model loading is excluded (warm-up batch).
 (b) reference: the reference pipeline's approach, one process, USE-m3 and EfficientNet-Lite0 in PyTorch
-    (no ONNX), batch 64, same threads, images in memory; on the first ``--reference-items`` texts and
-    images only (PyTorch Lite0 runs at a few tens of images/s: the rate is steady after a few batches).
+    (no ONNX), batch 64, one thread per core, images in memory; on the first ``--reference-items`` texts
+    and images only (PyTorch Lite0 runs at a few tens of images/s: the rate is steady after a few batches).
 (c) job: ``jobs.embed.run(settings)`` after ``jobs.ingest.run``, timed around the whole call: product
     table and hashes, Ray Data, actor start-up and model loading, images fetched from S3, Parquet
     written to S3 and the commit. The embedding cache is emptied before every run.
@@ -73,6 +73,8 @@ def _child_init(
     """Runs once in the child: Ray workers' priority, the encoders, the inputs, a warm-up batch."""
     os.nice(niceness - os.nice(0))
     from lib.encoders import EfficientNetLite0Torch, build_image_encoder, build_text_encoder
+
+    settings = settings.model_copy(update={"encoder_threads": os.cpu_count()})  # one process: every core
 
     t0 = time.perf_counter()
     text_encoder = build_text_encoder(settings)  # USE-m3 for both approaches
@@ -192,13 +194,14 @@ def bench_dataset(settings: Settings, path: Path, rounds: int, niceness: int, re
             if manifest["encoded"] != n:
                 raise RuntimeError(f"the job encoded {manifest['encoded']} of {n} products")
             runs["c"].products.append(n / seconds)
+            actors = manifest["actors"]
             runs["c"].load_avg.append(os.getloadavg()[0])
     finally:
         for child in children.values():
             child.shutdown()
     return {
         "name": path.stem, "products": n, "texts": len(texts), "images": len(images), "runs": runs,
-        "reference_items": (len(ref_texts), len(ref_images)),
+        "reference_items": (len(ref_texts), len(ref_images)), "actors": actors,
     }  # fmt: skip
 
 
@@ -223,7 +226,8 @@ def report(results: list[dict], settings: Settings, rounds: int, niceness: int) 
         ]  # fmt: skip
         print_table(
             f"Embedding {res['name']}: {res['products']} products, {res['texts']} texts, {res['images']} "
-            f"images; {settings.encoder_threads} encoder threads; median [min-max] of {rounds} rounds",
+            f"images; (a), (b): {os.cpu_count()} threads; (c): {res['actors']} actor(s) × "
+            f"{settings.encoder_threads} thread(s); median [min-max] of {rounds} rounds",
             ["approach", "text items/s", "image items/s", "products/s", "model load s", "load avg 1 min"],
             rows,
         )
@@ -250,20 +254,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-items", type=int, default=DEFAULT_REFERENCE_ITEMS, help="texts and images timed for (b)"
     )
+    parser.add_argument(
+        "--datasets", default="generated,real", help="comma-separated: generated, real (if present)"
+    )
     args = parser.parse_args(argv)
+    datasets = set(args.datasets.split(","))
     results = []
     with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
         niceness = ray_worker_niceness(settings)
-        generated = Path(tmp) / f"generated-{GENERATED_PRODUCTS}.zip"
-        spec = SampleSpec(
-            products=GENERATED_PRODUCTS, seed=GENERATED_PRODUCTS, image_size=GENERATED_IMAGE_SIZE
-        )
-        write_sample_zip(spec, generated)
-        results.append(bench_dataset(settings, generated, args.rounds, niceness))
+        generated = Path(tmp) / f"generated-{args.products}.zip"
+        spec = SampleSpec(products=args.products, seed=args.products, image_size=GENERATED_IMAGE_SIZE)
+        if "generated" in datasets:
+            write_sample_zip(spec, generated)
+            results.append(bench_dataset(settings, generated, args.rounds, niceness, args.reference_items))
         real = real_data_dir()
-        if real:
+        if real and "real" in datasets:
             real_zip = zip_real_sample(real, Path(tmp) / "real-sample.zip")
-            results.append(bench_dataset(settings, real_zip, args.rounds, niceness))
+            results.append(bench_dataset(settings, real_zip, args.rounds, niceness, args.reference_items))
         report(results, settings, args.rounds, niceness)
 
 

@@ -17,6 +17,7 @@ from lib.embed import (
     PRODUCT_COLUMNS,
     RUN_MANIFEST,
     EncoderWorker,
+    ImageFetcher,
     embedding_inputs,
     plan_encoder_pool,
     read_embeddings,
@@ -65,14 +66,26 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     size = math.ceil(len(todo) / blocks)
     # Blocks made here rather than by `repartition`, whose task would need a whole free CPU.
     chunks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]
-    encoded = ray.data.from_pandas(chunks).map_batches(
-        EncoderWorker,
-        fn_constructor_args=(settings,),
-        # The whole pool from the start (on a cluster: actors on several nodes).
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
-        num_cpus=actor_cpus,
-        batch_size=settings.embed_batch_size,
-        batch_format="pandas",
+    encoded = (
+        ray.data.from_pandas(chunks)
+        # One light I/O actor keeps the encoders fed: S3 latency overlaps with encoding.
+        .map_batches(
+            ImageFetcher,
+            fn_constructor_args=(settings,),
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=settings.data_task_cpus,
+            batch_size=settings.embed_batch_size,
+            batch_format="pandas",
+        )
+        .map_batches(
+            EncoderWorker,
+            fn_constructor_args=(settings,),
+            # The whole pool from the start (on a cluster: actors on several nodes).
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
+            num_cpus=actor_cpus,
+            batch_size=settings.embed_batch_size,
+            batch_format="pandas",
+        )
     )
     t_encode = time.monotonic()
     encoded.write_parquet(

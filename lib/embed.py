@@ -131,27 +131,49 @@ def plan_encoder_pool(
     return 1, max(round(free, 2), 0.05)
 
 
+IMAGE_BYTES = "image_bytes"  # column the fetch stage adds: the JPEG bytes of each product (None: no image)
+
+
+class ImageFetcher:
+    """Adds the image bytes of a batch (a Ray Data stage before the encoders, so they never wait on S3)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from lib.storage import s3_client
+
+        self.bucket = settings.bucket_lake
+        self._client = s3_client(settings)
+        self._pool = ThreadPoolExecutor(settings.upload_threads)
+
+    def fetch(self, keys: list[str | None]) -> list[bytes | None]:
+        return list(self._pool.map(lambda k: get_bytes(self._client, self.bucket, k) if k else None, keys))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        keys = [k if h else None for k, h in zip(batch["image_key"], batch["has_image"], strict=True)]
+        return batch.assign(**{IMAGE_BYTES: self.fetch(keys)})
+
+
 class EncoderWorker:
     """Encodes a batch of embedding inputs (a Ray Data actor; also usable in-process).
 
     Missing modalities get a zero vector and a false flag, so every row has both columns. Each row records
-    the Ray node that encoded it (``node_id``), which shows how the work spread over the cluster.
+    the Ray node that encoded it (``node_id``), which shows how the work spread over the cluster. Image
+    bytes come from the ``image_bytes`` column when a fetch stage ran, else from S3 here.
     """
 
     def __init__(self, settings: Settings) -> None:
         from lib.encoders import build_image_encoder, build_text_encoder
-        from lib.storage import s3_client
 
         self.settings = settings
         self.text_encoder = build_text_encoder(settings)
         self.image_encoder = build_image_encoder(settings)
-        self._client = s3_client(settings)
-        self._pool = ThreadPoolExecutor(settings.upload_threads)
+        self._fetcher: ImageFetcher | None = None
         self.node_id = _ray_node_id()
 
-    def _images(self, keys: list[str]) -> list[bytes]:
-        bucket = self.settings.bucket_lake
-        return list(self._pool.map(lambda k: get_bytes(self._client, bucket, k), keys))
+    def _images(self, batch: pd.DataFrame) -> list[bytes]:
+        if IMAGE_BYTES in batch:
+            return batch[IMAGE_BYTES].tolist()
+        self._fetcher = self._fetcher or ImageFetcher(self.settings)
+        return self._fetcher.fetch(batch["image_key"].tolist())
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         n = len(batch)
@@ -163,9 +185,7 @@ class EncoderWorker:
         if has_text.any():
             text_emb[has_text] = self.text_encoder.encode(batch["text"][has_text].tolist())
         if has_image.any():
-            image_emb[has_image] = self.image_encoder.encode(
-                self._images(batch["image_key"][has_image].tolist())
-            )
+            image_emb[has_image] = self.image_encoder.encode(self._images(batch[has_image]))
         return pa.table(
             {
                 "productid": pa.array(batch["productid"], pa.int64()),
