@@ -239,7 +239,7 @@ def reference_app(settings: Settings):
             image = encoded
         t = logic.stack_inputs([text], config["text_dim"])
         i = logic.stack_inputs([image], config["image_dim"])
-        probs = logic.probabilities(loaded.logits(t, i), loaded.card.get("temperature", 1.0))
+        probs = logic.probabilities(loaded.logits(t, i, [item.text]), loaded.card.get("temperature", 1.0))
         name = settings.registered_model_name
         return 200, logic.prediction(probs[0], loaded.card, settings.abstain_threshold, name, loaded.version)
 

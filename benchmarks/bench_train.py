@@ -2,7 +2,7 @@
 
 Same seed, same data, one run: wall time ratio ASHA/FIFO (target ≤ 0.5) and the best configuration's
 test F1-macro for each (target: within 0.01). On the real sample (if present) and on 20k generated
-products; also the text / image / fusion ablation of the real sample's best configuration.
+products; also the ablation (text / image / lexical / fusion / fusion + lexical) of ASHA's best configuration.
 Embeddings come from the real pipeline (ingest + embed) in a stack of the benchmark's own.
 """
 
@@ -18,9 +18,7 @@ from benchmarks.common import bench_stack, print_table, real_data_dir, zip_real_
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
 from jobs import train as train_job
-from lib import metrics
 from lib.sample import SampleSpec, write_sample_zip
-from lib.split import TEST
 from lib.storage import delete_prefix, s3_client
 from lib.train import TrainConfig
 
@@ -45,7 +43,6 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
     base = TrainConfig(
         max_epochs=settings.tune_max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
     )
-    _, _, y_test = data.part(TEST)
     rows, ablation = [], {}
     for scheduler in ("asha", "fifo"):
         with mlflow.start_run(run_name=f"bench-{name}-{scheduler}") as parent:
@@ -60,8 +57,7 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
                 scheduler,
             )
             seconds = time.perf_counter() - t0
-        _, _, _, predicted = train_job.fit_and_test(data, best["config"], base)
-        test = metrics.summary(y_test, predicted)
+        _, _, _, test, _ = train_job.fit_and_test(data, best["config"], base)
         rows.append(
             [
                 name,
@@ -76,9 +72,7 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
             ]
         )
         if scheduler == "asha":
-            for modality in ("text", "image", "fusion"):
-                _, _, _, predicted = train_job.fit_and_test(data, best["config"], base, modality)
-                ablation[modality] = metrics.summary(y_test, predicted)
+            ablation = train_job.evaluate_ablation(data, best["config"], base, test)
     return rows, ablation
 
 
@@ -120,9 +114,9 @@ def main() -> None:
         )
     print_table(
         "Ablation on the held-out test split (ASHA's best configuration)",
-        ["catalogue", "modality", "test F1-macro", "test F1-weighted", "accuracy"],
+        ["catalogue", "inputs", "test F1-macro", "test F1-weighted", "accuracy", "ECE", "ECE calibrated"],
         [
-            [name, m, v["f1_macro"], v["f1_weighted"], v["accuracy"]]
+            [name, m, v["f1_macro"], v["f1_weighted"], v["accuracy"], v["ece_before"], v["ece_after"]]
             for name, ab in ablations.items()
             for m, v in ab.items()
         ],

@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from lib.metrics import ABLATION_ROWS
 from lib.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -493,7 +494,7 @@ class DataSource:
         if details.ablation is None:  # older runs: the metrics alone
             found = {
                 m: {"f1_macro": details.metrics[f"ablation_{m}_test_f1_macro"]}
-                for m in ("text", "image", "fusion")
+                for m in ABLATION_ROWS
                 if f"ablation_{m}_test_f1_macro" in details.metrics
             }
             details.ablation = found or None

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from lib.metrics import ABLATION_ROWS
 from lib.rakuten import class_name
 
 TEMPLATE = "plotly_white"
@@ -188,10 +189,10 @@ def per_class_f1_figure(per_class: pd.DataFrame | None) -> go.Figure:
 
 
 def ablation_figure(ablation: Mapping[str, Mapping[str, float]] | None) -> go.Figure:
-    """Test scores of the text-only, image-only and fusion heads (same hyperparameters)."""
+    """Test scores of the ablation heads (lib.metrics.ABLATION_ROWS; same hyperparameters)."""
     if not ablation:
         return message_figure("No ablation for this run.")
-    order = [m for m in ("text", "image", "fusion") if m in ablation]
+    order = [m for m in ABLATION_ROWS if m in ablation]
     metrics = [m for m in ("f1_macro", "f1_weighted", "accuracy") if any(m in ablation[k] for k in order)]
     colours = {"f1_macro": PRIMARY, "f1_weighted": SECONDARY, "accuracy": "#cbd5e1"}
     fig = go.Figure(
@@ -212,7 +213,7 @@ def ablation_figure(ablation: Mapping[str, Mapping[str, float]] | None) -> go.Fi
     return _layout(
         fig,
         300,
-        title="Ablation: text / image / fusion (test split)",
+        title="Ablation: which inputs the head reads (test split)",
         barmode="group",
         yaxis={"range": [0, 1.05]},
     )

@@ -62,7 +62,8 @@ def build_report(
                 )
             )
         text, image, _ = data.part(TEST)
-        reference_conf = softmax(loaded.logits(text, image), loaded.card.get("temperature", 1.0)).max(1)
+        logits = loaded.logits(text, image, data.texts_part(TEST))
+        reference_conf = softmax(logits, loaded.card.get("temperature", 1.0)).max(1)
         signals += drift.confidence_signals(
             reference_conf,
             predictions["confidence"].to_numpy(np.float64),
@@ -132,7 +133,8 @@ def run(settings: Settings | None = None, window_hours: float | None = None) -> 
         since,
         ["model_version", "prdtypecode", "confidence", "has_text", "has_image", "text_emb", "image_emb"],
     )
-    data, _ = load_dataset(settings, client)
+    # The production model carries its own TF-IDF block: the monitor needs the texts, not a new fit.
+    data, _ = load_dataset(settings.model_copy(update={"lexical_enabled": False}), client)
     report = build_report(settings, predictions, data, loaded, window_hours)
 
     prefix = f"{MONITORING}{datetime.now(UTC):%Y%m%dT%H%M%SZ}/"

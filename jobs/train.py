@@ -21,6 +21,7 @@ from jobs.common import connect_ray
 from lib import lake, metrics, registry
 from lib.embed import PRODUCT_COLUMNS, embedding_inputs, read_embeddings
 from lib.encoders import encoder_ids, encoder_set_id
+from lib.lexical import LexicalSpec
 from lib.provenance import git_sha
 from lib.rakuten import class_name
 from lib.settings import Settings, get_settings
@@ -35,17 +36,23 @@ from lib.train import (
     load_trained,
     predict_logits,
     softmax,
+    with_lexical,
 )
 from lib.train import train_model as fit
 
 TARGET = "val_f1_macro"
 
 
-def search_space() -> dict:
-    """Ray Tune search space of the fusion head."""
+# Width of the TF-IDF projection into the MLP (0: none). Wider ones cost much more time and, on the real
+# sample, scored no better (README, "Model quality").
+LEXICAL_PROJECTIONS = [0, 32, 64, 128]
+
+
+def search_space(lexical: bool) -> dict:
+    """Ray Tune search space of the fusion head (with the lexical branch's width if the data has it)."""
     from ray import tune
 
-    return {
+    space = {
         "lr": tune.loguniform(1e-5, 1e-2),
         "dropout": tune.uniform(0.1, 0.6),
         "weight_decay": tune.loguniform(1e-4, 1e-1),
@@ -55,26 +62,63 @@ def search_space() -> dict:
         "hidden3": tune.choice([64, 128, 256]),
         "activation": tune.choice(["relu", "gelu", "silu"]),
     }
+    if not lexical:
+        return space
+    # Both off = the dense fusion head: the search decides whether the lexical branch pays.
+    return space | {
+        "lexical_proj": tune.choice(LEXICAL_PROJECTIONS),
+        "lexical_wide": tune.choice([True, False]),
+    }
 
 
 # The first trial: a sensible default, so even a short search starts from a working configuration.
 DEFAULT_TRIAL = {"lr": 2e-3, "dropout": 0.3, "weight_decay": 1e-2, "batch_size": 64, "hidden1": 512,
-                 "hidden2": 256, "hidden3": 128, "activation": "gelu"}  # fmt: skip
+                 "hidden2": 256, "hidden3": 128, "activation": "gelu", "lexical_proj": 64,
+                 "lexical_wide": True}  # fmt: skip
+
+
+def default_trial(space: dict) -> dict:
+    """DEFAULT_TRIAL restricted to the keys of ``space``."""
+    return {k: v for k, v in DEFAULT_TRIAL.items() if k in space}
+
+
+def ablation_variants(config: dict, lexical: bool) -> dict[str, tuple[str, dict]]:
+    """Ablation rows → (modality, trial config): the best configuration with inputs taken away.
+
+    "fusion" is the dense fusion (text + image embeddings); with lexical data, "fusion_lexical" and
+    "lexical" use the best configuration's lexical branch, or the default one if the search turned the
+    branch off (the row then shows what the branch would have given).
+    """
+    # Keys are lib.metrics.ABLATION_ROWS.
+    lexical_keys = ("lexical_proj", "lexical_wide")
+    dense = {**config, "lexical_proj": 0, "lexical_wide": False}
+    variants = {"text": ("text", dense), "image": ("image", dense), "fusion": ("fusion", dense)}
+    if lexical:
+        branch_on = bool(config.get("lexical_proj")) or bool(config.get("lexical_wide"))
+        source = config if branch_on else DEFAULT_TRIAL
+        with_lexical = {**config, **{k: source[k] for k in lexical_keys}}
+        variants |= {"fusion_lexical": ("fusion", with_lexical), "lexical": ("lexical", with_lexical)}
+    return variants
 
 
 def load_dataset(settings: Settings, client) -> tuple[Dataset, dict]:
-    """Current labelled products joined with their embeddings (labels from the product view)."""
+    """Current labelled products joined with their embeddings (labels from the product view).
+
+    With ``settings.lexical_enabled``, the TF-IDF block is fitted on the training split and added.
+    """
     text_id, image_id = encoder_ids(settings)
     set_id = encoder_set_id(text_id, image_id)
     manifests = lake.committed_manifests(client, settings)
     products = lake.current_products(client, settings, PRODUCT_COLUMNS, manifests)
-    inputs = embedding_inputs(products, settings, set_id)[["productid", "embed_hash"]]
+    inputs = embedding_inputs(products, settings, set_id)[["productid", "embed_hash", "text"]]
     inputs["prdtypecode"] = products["prdtypecode"].to_numpy()
     vectors = read_embeddings(client, settings, set_id, ["embed_hash", "text_emb", "image_emb"])
     joined = inputs.merge(vectors, on="embed_hash", how="inner")
     data = build_dataset(
         joined, text_id.dim, image_id.dim, settings.split_seed, settings.val_fraction, settings.test_fraction
     )
+    if settings.lexical_enabled and len(data.y):
+        data = with_lexical(data, LexicalSpec.from_settings(settings))
     counts = pd.Series(data.y).value_counts()
     lineage = {
         "encoder_set_id": set_id,
@@ -89,6 +133,7 @@ def load_dataset(settings: Settings, client) -> tuple[Dataset, dict]:
         "imbalance_ratio": float(counts.max() / counts.min()) if len(counts) else 0.0,
         "split_counts": data.counts(),
         "data_fingerprint": data.fingerprint,
+        "lexical_dim": data.lexical_dim,
     }
     return data, lineage
 
@@ -120,6 +165,7 @@ def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str
             patience=settings.early_stop_patience,
             seed=settings.tune_seed,
         ),
+        lexical_dim=data.lexical_dim,
     )
 
     def report(m: dict) -> None:
@@ -150,8 +196,9 @@ def tune_head(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    space = search_space(lexical=data.lexical_dim > 0)
     search = OptunaSearch(
-        sampler=optuna.samplers.TPESampler(seed=settings.tune_seed), points_to_evaluate=[DEFAULT_TRIAL]
+        sampler=optuna.samplers.TPESampler(seed=settings.tune_seed), points_to_evaluate=[default_trial(space)]
     )
     chosen = (
         ASHAScheduler(
@@ -169,7 +216,7 @@ def tune_head(
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=search_space(),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=TARGET, mode="max", search_alg=search, scheduler=chosen, num_samples=trials
         ),
@@ -187,24 +234,61 @@ def tune_head(
     }
 
 
-def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str = "fusion"):
-    """Train one configuration on train (early stopping on val) and predict the test split.
+def test_report(data: Dataset, model) -> tuple[dict, np.ndarray]:
+    """Test metrics of a trained head, with its calibration; returns (metrics, predicted label indices).
 
-    Returns (model config, train config, train result, predicted label indices on the test split).
+    Metrics: F1-macro, weighted F1, accuracy, and the expected calibration error on test before and
+    after temperature scaling (the temperature is fitted on the validation split).
+    """
+    val_text, val_image, y_val = data.part(VAL)
+    text, image, y_test = data.part(TEST)
+    temperature = fit_temperature(predict_logits(model, val_text, val_image, data.lexical_part(VAL)), y_val)
+    logits = predict_logits(model, text, image, data.lexical_part(TEST))
+    report = metrics.summary(y_test, logits.argmax(1)) | {
+        "temperature": temperature,
+        "ece_before": metrics.expected_calibration_error(softmax(logits), y_test),
+        "ece_after": metrics.expected_calibration_error(softmax(logits, temperature), y_test),
+    }
+    return report, logits.argmax(1)
+
+
+def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str = "fusion"):
+    """Train one configuration on train (early stopping on val) and score the test split.
+
+    Returns (model config, train config, train result, test metrics, predicted label indices on test).
     """
     model_config, train_config = configs_from_trial(
-        config, data.text.shape[1], data.image.shape[1], len(data.codes), base, modality
+        config, data.text.shape[1], data.image.shape[1], len(data.codes), base, modality, data.lexical_dim
     )
     result = fit(data, model_config, train_config)
-    text, image, _ = data.part(TEST)
-    predicted = predict_logits(load_trained(model_config, result.state_dict), text, image).argmax(1)
-    return model_config, train_config, result, predicted
+    report, predicted = test_report(data, load_trained(model_config, result.state_dict))
+    return model_config, train_config, result, report, predicted
+
+
+def evaluate_ablation(data: Dataset, config: dict, base: TrainConfig, report: dict) -> dict[str, dict]:
+    """Test metrics of every ablation variant of ``config`` (see ``ablation_variants``), same split.
+
+    ``report`` is the test report of ``config`` itself, reused for the variant that is the same model
+    (training is seeded: it would come out identical).
+    """
+    lexical = data.lexical_dim > 0
+
+    def branch(cfg: dict) -> tuple:
+        if not lexical:
+            return (0, False)
+        return int(cfg.get("lexical_proj", 0)), bool(cfg.get("lexical_wide", False))
+
+    out = {}
+    for name, (modality, cfg) in ablation_variants(config, lexical).items():
+        same = modality == "fusion" and branch(cfg) == branch(config)
+        out[name] = report if same else fit_and_test(data, cfg, base, modality)[3]
+    return out
 
 
 def score_codes(data: Dataset, loaded: registry.LoadedModel) -> float:
     """Test F1-macro of a registered model on THIS dataset's test split (codes compared, not indices)."""
     text, image, y = data.part(TEST)
-    predicted = np.array(loaded.codes)[loaded.logits(text, image).argmax(1)]
+    predicted = np.array(loaded.codes)[loaded.logits(text, image, data.texts_part(TEST)).argmax(1)]
     truth = np.array(data.codes)[y]
     return metrics.summary(truth, predicted)["f1_macro"]
 
@@ -316,27 +400,19 @@ def run(
         base = TrainConfig(
             max_epochs=max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
         )
-        text, image, y_test = data.part(TEST)
+        _, _, y_test = data.part(TEST)
         truth = np.array(data.codes)[y_test]
-        ablation, final = {}, None
-        for modality in ("fusion", "text", "image"):
-            model_config, train_config, result, predicted = fit_and_test(data, best["config"], base, modality)
-            ablation[modality] = metrics.summary(y_test, predicted)
-            if modality == "fusion":
-                final = (model_config, train_config, result, predicted)
-        model_config, train_config, result, predicted = final
-        # Calibrated confidence: temperature fitted on the validation split, judged on the test split.
-        fusion = load_trained(model_config, result.state_dict)
-        val_text, val_image, y_val = data.part(VAL)
-        temperature = fit_temperature(predict_logits(fusion, val_text, val_image), y_val)
-        test_logits = predict_logits(fusion, text, image)
+        # The model to register; calibrated: its temperature is fitted on val, its ECE judged on test.
+        model_config, train_config, result, report, predicted = fit_and_test(data, best["config"], base)
+        ablation = evaluate_ablation(data, best["config"], base, report)
+        temperature = report["temperature"]
         calibration = {
             "temperature": temperature,
-            "test_ece_before": metrics.expected_calibration_error(softmax(test_logits), y_test),
-            "test_ece_after": metrics.expected_calibration_error(softmax(test_logits, temperature), y_test),
+            "test_ece_before": report["ece_before"],
+            "test_ece_after": report["ece_after"],
         }
         mlflow.log_metrics(calibration)
-        test = ablation["fusion"]
+        test = metrics.summary(y_test, predicted)
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
         mlflow.log_metrics({f"ablation_{m}_test_f1_macro": v["f1_macro"] for m, v in ablation.items()})
         mlflow.log_dict(ablation, "ablation.json")
@@ -373,7 +449,8 @@ def run(
             "parent_run_id": parent.info.run_id,
         }
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = registry.write_model_dir(Path(tmp) / "model", result.state_dict, card)
+            lexical = data.lexical_features if model_config.uses_lexical else None
+            model_dir = registry.write_model_dir(Path(tmp) / "model", result.state_dict, card, lexical)
             info = registry.log_model(model_dir, card, _requirements())
         version = mlflow.register_model(
             info.model_uri, name, tags={"git_sha": sha, "data_fingerprint": data.fingerprint}

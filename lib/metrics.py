@@ -9,6 +9,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+# Rows of a training run's ablation (heads with inputs taken away), in display order: text and image
+# embeddings alone, the TF-IDF block alone, dense fusion (both embeddings), dense fusion + TF-IDF.
+ABLATION_ROWS = ("text", "image", "lexical", "fusion", "fusion_lexical")
+
 
 def summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """F1-macro, weighted F1 and accuracy."""

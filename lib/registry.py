@@ -1,7 +1,8 @@
 """The model contract and the MLflow registry: packaging, loading, guarded promotion, rollback, pruning.
 
 A registered version is an MLflow pyfunc model whose artifacts are ``weights.pt`` (the fusion head's
-state dict) and ``card.json`` (label map, encoder ids, architecture, split, data lineage, git sha).
+state dict), ``card.json`` (label map, encoder ids, architecture, split, data lineage, git sha) and, for
+a head with a lexical branch, the TF-IDF vocabulary and IDF weights (``lib.lexical``).
 Aliases: ``production`` serves; ``previous`` is the rollback target.
 """
 
@@ -18,6 +19,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from lib.lexical import IDF_FILE, VOCABULARY_FILE, LexicalFeatures
 from lib.model import FusionConfig, MultimodalMLP
 
 PRODUCTION = "production"
@@ -28,49 +30,67 @@ CARD_FILE = "card.json"
 
 @dataclass
 class LoadedModel:
-    """A fusion head ready to predict, with its card."""
+    """A fusion head ready to predict, with its card (and its TF-IDF block if it reads one)."""
 
     model: MultimodalMLP
     card: dict
     version: str | None = None
+    lexical: LexicalFeatures | None = None
 
     @property
     def codes(self) -> list[int]:
         return self.card["codes"]
 
     @torch.no_grad()
-    def logits(self, text: np.ndarray, image: np.ndarray) -> np.ndarray:
-        self.model.eval()
-        return self.model(torch.from_numpy(text), torch.from_numpy(image)).numpy()  # (n, n_classes)
+    def logits(self, text: np.ndarray, image: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+        """(n, n_classes) logits from the embeddings and, for a lexical head, the products' texts."""
+        from lib.train import predict_logits
+
+        rows = None
+        if self.lexical is not None:
+            if texts is None:
+                raise ValueError(f"model version {self.version} reads the product text: pass texts")
+            rows = self.lexical.transform(texts)
+        return predict_logits(self.model, text, image, rows)
 
 
-def write_model_dir(path: Path, state_dict: dict, card: dict) -> Path:
-    """The two files of the model contract."""
+def write_model_dir(path: Path, state_dict: dict, card: dict, lexical: LexicalFeatures | None = None) -> Path:
+    """The files of the model contract (a head with a lexical branch needs its fitted TF-IDF block)."""
+    config = card["model_config"]
+    reads_text = FusionConfig(**{**config, "hidden": tuple(config["hidden"])}).uses_lexical
+    if reads_text and lexical is None:
+        raise ValueError("this head has a lexical branch: pass the LexicalFeatures it was trained with")
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, path / WEIGHTS_FILE)
     (path / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
+    if lexical is not None:
+        lexical.save(path)
     return path
 
 
 def read_model_dir(path: Path, version: str | None = None) -> LoadedModel:
-    """Load a fusion head from a directory holding ``weights.pt`` and ``card.json`` (searched recursively)."""
+    """Load a fusion head from a directory holding the contract's files (searched recursively)."""
     card_path = next(Path(path).rglob(CARD_FILE))
     card = json.loads(card_path.read_text())
     config = FusionConfig(**{**card["model_config"], "hidden": tuple(card["model_config"]["hidden"])})
     model = MultimodalMLP(config)
     model.load_state_dict(torch.load(card_path.parent / WEIGHTS_FILE, weights_only=True))
-    return LoadedModel(model.eval(), card, version)
+    lexical = LexicalFeatures.load(card_path.parent) if config.uses_lexical else None
+    return LoadedModel(model.eval(), card, version, lexical)
 
 
 class FusionPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc face of the fusion head: {text_emb, image_emb} → class probabilities."""
+    """MLflow pyfunc face of the fusion head: {text_emb, image_emb[, text]} → class probabilities."""
 
     def load_context(self, context) -> None:
         self.loaded = read_model_dir(Path(context.artifacts["card"]).parent)
 
     def predict(self, context, model_input, params=None):
+        texts = model_input.get("text")
         logits = self.loaded.logits(
-            np.asarray(model_input["text_emb"], np.float32), np.asarray(model_input["image_emb"], np.float32)
+            np.asarray(model_input["text_emb"], np.float32),
+            np.asarray(model_input["image_emb"], np.float32),
+            None if texts is None else [str(t) for t in np.asarray(texts).ravel()],
         )
         z = logits / self.loaded.card.get("temperature", 1.0)
         z = np.exp(z - z.max(axis=1, keepdims=True))
@@ -83,15 +103,20 @@ def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
     from mlflow.types import Schema, TensorSpec
 
     text_dim, image_dim = card["model_config"]["text_dim"], card["model_config"]["image_dim"]
+    inputs = [TensorSpec(np.dtype(np.float32), (-1, text_dim), "text_emb"),
+              TensorSpec(np.dtype(np.float32), (-1, image_dim), "image_emb")]  # fmt: skip
+    artifacts = {"weights": str(model_dir / WEIGHTS_FILE), "card": str(model_dir / CARD_FILE)}
+    if (model_dir / VOCABULARY_FILE).exists():  # a lexical head also reads the product text
+        inputs.append(TensorSpec(np.dtype(np.str_), (-1,), "text"))
+        artifacts |= {"lexical": str(model_dir / VOCABULARY_FILE), "lexical_idf": str(model_dir / IDF_FILE)}
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, text_dim), "text_emb"),
-                       TensorSpec(np.dtype(np.float32), (-1, image_dim), "image_emb")]),
+        inputs=Schema(inputs),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(card["codes"])), "probabilities")]),
-    )  # fmt: skip
+    )
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=FusionPyfunc(),
-        artifacts={"weights": str(model_dir / WEIGHTS_FILE), "card": str(model_dir / CARD_FILE)},
+        artifacts=artifacts,
         signature=signature,
         pip_requirements=pip_requirements,
     )

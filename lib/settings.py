@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     tune_max_epochs: int = 30
     tune_grace_epochs: int = 3
     tune_seed: int = 0
+    lexical_enabled: bool = Field(
+        True, description="Fit a TF-IDF block on the training split; the search decides whether to use it."
+    )
+    lexical_word_ngram_max: int = Field(2, description="TF-IDF word n-grams 1..this.")
+    lexical_char_ngram_min: int = Field(2, description="TF-IDF character n-grams (within words) from...")
+    lexical_char_ngram_max: int = Field(5, description="...to this length.")
+    lexical_min_df: int = Field(2, description="Training products a term must occur in to be kept.")
+    lexical_max_features: int = Field(50_000, description="Most frequent terms kept per analyzer.")
     early_stop_patience: int = 5
     keep_model_versions: int = 5
     git_sha: str | None = Field(

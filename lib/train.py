@@ -8,14 +8,16 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 
 from lib.embed import to_matrix
+from lib.lexical import LexicalFeatures, LexicalSpec, SparseBatch
 from lib.metrics import summary
 from lib.model import FusionConfig, MultimodalMLP
 from lib.split import TEST, TRAIN, VAL, assign_splits
@@ -32,10 +34,23 @@ class Dataset:
     productid: np.ndarray  # (n,) int64
     codes: list[int]  # label index → prdtypecode
     fingerprint: str = ""
+    texts: np.ndarray | None = None  # (n,) str: the product text the encoder saw (for the lexical block)
+    lexical: sp.csr_matrix | None = None  # (n, lexical_dim) TF-IDF rows, once with_lexical ran
+    lexical_features: LexicalFeatures | None = None  # the fitted block (saved with a lexical model)
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mask = self.split == name
         return self.text[mask], self.image[mask], self.y[mask]
+
+    def lexical_part(self, name: str) -> sp.csr_matrix | None:
+        return None if self.lexical is None else self.lexical[self.split == name]
+
+    def texts_part(self, name: str) -> list[str] | None:
+        return None if self.texts is None else list(self.texts[self.split == name])
+
+    @property
+    def lexical_dim(self) -> int:
+        return 0 if self.lexical is None else self.lexical.shape[1]
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.split == name).sum()) for name in (TRAIN, VAL, TEST)}
@@ -49,7 +64,7 @@ def build_dataset(
     val_fraction: float,
     test_fraction: float,
 ) -> Dataset:
-    """Labelled rows of ``embeddings`` (productid, prdtypecode, embed_hash, text_emb, image_emb) → Dataset."""
+    """Labelled rows of ``embeddings`` (productid, prdtypecode, embed_hash, text_emb, image_emb[, text])."""
     labelled = embeddings[embeddings["prdtypecode"].notna()].sort_values("productid").reset_index(drop=True)
     codes = sorted(int(c) for c in labelled["prdtypecode"].unique())
     index = {code: i for i, code in enumerate(codes)}
@@ -65,7 +80,16 @@ def build_dataset(
         productid=productid,
         codes=codes,
         fingerprint=fingerprint,
+        texts=labelled["text"].to_numpy(object) if "text" in labelled else None,
     )
+
+
+def with_lexical(data: Dataset, spec: LexicalSpec) -> Dataset:
+    """Fit the TF-IDF block on the training split's texts; add it and every product's rows to the dataset."""
+    if data.texts is None:
+        raise ValueError("the dataset has no product texts: build it from rows with a 'text' column")
+    features = LexicalFeatures.fit(data.texts_part(TRAIN), spec)
+    return replace(data, lexical=features.transform(list(data.texts)), lexical_features=features)
 
 
 @dataclass
@@ -105,14 +129,26 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
+def _lexical_batch(model: MultimodalMLP, lexical: sp.csr_matrix | None) -> SparseBatch | None:
+    return SparseBatch.from_csr(lexical) if model.reads_lexical and lexical is not None else None
+
+
 @torch.no_grad()
 def predict_logits(
-    model: MultimodalMLP, text: np.ndarray, image: np.ndarray, batch: int = 4096
+    model: MultimodalMLP,
+    text: np.ndarray,
+    image: np.ndarray,
+    lexical: sp.csr_matrix | None = None,
+    batch: int = 4096,
 ) -> np.ndarray:
-    """Logits for numpy inputs, in eval mode: (n, n_classes)."""
+    """Logits for numpy inputs (and TF-IDF rows if the model reads them), in eval mode: (n, n_classes)."""
     model.eval()
     out = [
-        model(torch.from_numpy(text[i : i + batch]), torch.from_numpy(image[i : i + batch])).numpy()
+        model(
+            torch.from_numpy(text[i : i + batch]),
+            torch.from_numpy(image[i : i + batch]),
+            _lexical_batch(model, None if lexical is None else lexical[i : i + batch]),
+        ).numpy()
         for i in range(0, len(text), batch)
     ]
     return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
@@ -144,6 +180,11 @@ def train_model(
     )
     text_tr, image_tr, y_tr = data.part(TRAIN)
     text_va, image_va, y_va = data.part(VAL)
+    if model_config.uses_lexical and data.lexical_dim != model_config.lexical_dim:
+        raise ValueError(f"the model reads {model_config.lexical_dim} TF-IDF columns, the data has "
+                         f"{data.lexical_dim}: run with_lexical first")  # fmt: skip
+    lex_tr, lex_va = data.lexical_part(TRAIN), data.lexical_part(VAL)
+    val_lexical = _lexical_batch(model, lex_va)
     weights = balanced_class_weights(y_tr, model_config.n_classes)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=train_config.label_smoothing)
     tensors = [torch.from_numpy(a) for a in (text_tr, image_tr, y_tr)]
@@ -164,14 +205,15 @@ def train_model(
             if len(idx) < 2:  # BatchNorm needs two rows
                 continue
             optimizer.zero_grad()
-            loss = loss_fn(model(tensors[0][idx], tensors[1][idx]), tensors[2][idx])
+            lexical = _lexical_batch(model, None if lex_tr is None else lex_tr[idx.numpy()])
+            loss = loss_fn(model(tensors[0][idx], tensors[1][idx], lexical), tensors[2][idx])
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
             optimizer.step()
             total += loss.item() * len(idx)
         model.eval()
         with torch.no_grad():
-            val_logits = model(val_tensors[0], val_tensors[1])
+            val_logits = model(val_tensors[0], val_tensors[1], val_lexical)
             val_loss = loss_fn(val_logits, val_tensors[2]).item()
         val = summary(y_va, val_logits.argmax(1).numpy())
         metrics = {
@@ -205,13 +247,25 @@ def load_trained(model_config: FusionConfig, state_dict: dict) -> MultimodalMLP:
 
 
 def configs_from_trial(
-    trial: dict, text_dim: int, image_dim: int, n_classes: int, base: TrainConfig, modality: str = "fusion"
+    trial: dict,
+    text_dim: int,
+    image_dim: int,
+    n_classes: int,
+    base: TrainConfig,
+    modality: str = "fusion",
+    lexical_dim: int = 0,
 ) -> tuple[FusionConfig, TrainConfig]:
-    """A Tune trial's sampled values → the model and training configs that use them."""
+    """A Tune trial's sampled values → the model and training configs that use them.
+
+    ``lexical_dim`` is the TF-IDF width of the data (0: none); the trial's ``lexical_proj`` (0: off)
+    decides whether the head reads it.
+    """
     model_config = FusionConfig(
         text_dim=text_dim, image_dim=image_dim, n_classes=n_classes,
         hidden=(trial["hidden1"], trial["hidden2"], trial["hidden3"]), dropout=trial["dropout"],
-        activation=trial["activation"], modality=modality,
+        activation=trial["activation"], modality=modality, lexical_dim=lexical_dim,
+        lexical_proj=int(trial.get("lexical_proj", 0)) if lexical_dim else 0,
+        lexical_wide=bool(trial.get("lexical_wide", False)) and lexical_dim > 0,
     )  # fmt: skip
     train_config = TrainConfig(
         **{**asdict(base), "lr": trial["lr"], "weight_decay": trial["weight_decay"],

@@ -203,9 +203,14 @@ class FusionModel(_Batched):
 
     @serve.batch
     async def predict(
-        self, texts: list[list | None], images: list[list | None], metas: list[list[dict]]
+        self,
+        texts: list[list | None],
+        images: list[list | None],
+        metas: list[list[dict]],
+        product_texts: list[list[str]],
     ) -> list[list[dict]]:
-        """Groups of products (encoder outputs for the items that have each modality) → results."""
+        """Groups of products (encoder outputs for the items that have each modality, and every
+        product's text for a head with a TF-IDF branch) → results."""
         loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
         if loaded is None:
             return [[logic.error_result(503, MODEL_NOT_LOADED)] * len(m) for m in metas]
@@ -215,10 +220,13 @@ class FusionModel(_Batched):
             text_rows += t
             image_rows += i
         flat_metas = [m for group in metas for m in group]
-        results = await self._compute(self._predict, loaded, text_rows, image_rows, flat_metas)
+        flat_texts = [t for group in product_texts for t in group]
+        results = await self._compute(self._predict, loaded, text_rows, image_rows, flat_metas, flat_texts)
         return logic.split_groups(results, [len(m) for m in metas])
 
-    def _predict(self, loaded, texts: list, images: list, metas: list[dict]) -> list[dict]:
+    def _predict(
+        self, loaded, texts: list, images: list, metas: list[dict], product_texts: list[str]
+    ) -> list[dict]:
         from lib.predlog import log_row
 
         results: list[dict] = [{}] * len(metas)
@@ -231,7 +239,8 @@ class FusionModel(_Batched):
         config = loaded.card["model_config"]
         text = logic.stack_inputs([texts[i] for i in ok], config["text_dim"])  # (n, text_dim)
         image = logic.stack_inputs([images[i] for i in ok], config["image_dim"])  # (n, image_dim)
-        probs = logic.probabilities(loaded.logits(text, image), loaded.card.get("temperature", 1.0))
+        lexical = [product_texts[i] for i in ok]  # read only by a head with a lexical branch
+        probs = logic.probabilities(loaded.logits(text, image, lexical), loaded.card.get("temperature", 1.0))
         rows = []
         for row, i in enumerate(ok):
             results[i] = logic.prediction(
@@ -303,7 +312,8 @@ class Ingress:
         # Responses are handed on unresolved: the embeddings go encoder → model, not through here.
         text = self.text.encode.remote(texts) if texts else None
         image = self.image.encode.remote(images) if images else None
-        return await self.model.predict.remote(text, image, [item.meta() for item in items])
+        metas, product_texts = [item.meta() for item in items], [item.text for item in items]
+        return await self.model.predict.remote(text, image, metas, product_texts)
 
     async def _pipeline(self, items: list[logic.PredictInput]) -> list[dict]:
         """A group of products through the encoders and the head; retried while a dead replica is replaced."""

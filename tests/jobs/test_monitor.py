@@ -17,9 +17,11 @@ from lib.storage import delete_prefix, get_json, list_keys, put_table, s3_client
 from lib.train import softmax
 
 
-def log_predictions(settings, text: np.ndarray, image: np.ndarray, loaded, codes_override=None) -> None:
-    """Write prediction-log rows as Serve would, for the given inputs."""
-    probs = softmax(loaded.logits(text, image), loaded.card.get("temperature", 1.0))  # as Serve does
+def log_predictions(
+    settings, text: np.ndarray, image: np.ndarray, texts: list[str], loaded, codes_override=None
+) -> None:
+    """Write prediction-log rows as Serve would, for the given inputs (embeddings and product texts)."""
+    probs = softmax(loaded.logits(text, image, texts), loaded.card.get("temperature", 1.0))  # as Serve does
     codes = np.array(loaded.codes)
     rows = []
     for i in range(len(text)):
@@ -53,7 +55,10 @@ def test_unshifted_predictions_are_not_flagged(reference, stack, s3):
     delete_prefix(s3, stack.bucket_lake, "predictions/")
     train_rows = np.flatnonzero(data.split == TRAIN)
     pick = np.random.default_rng(0).choice(train_rows, 600)  # the training distribution itself
-    log_predictions(stack, data.text[pick], data.image[pick], loaded, np.array(data.codes)[data.y[pick]])
+    texts = list(data.texts[pick])
+    log_predictions(
+        stack, data.text[pick], data.image[pick], texts, loaded, np.array(data.codes)[data.y[pick]]
+    )
     report = monitor_job.run(stack, window_hours=1)
     assert report["predictions"] == 600
     assert not report["drifted"], report["signals"]
@@ -76,7 +81,7 @@ def test_three_classes_and_noise_images_are_flagged(reference, stack, s3):
     pick = rng.choice(rows, 300)
     noise = rng.normal(size=(300, data.image.shape[1])).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    log_predictions(stack, data.text[pick], noise, loaded)
+    log_predictions(stack, data.text[pick], noise, list(data.texts[pick]), loaded)
     report = monitor_job.run(stack, window_hours=1)
     status = {s["name"]: s["drifted"] for s in report["signals"]}
     assert report["drifted"] and status["class_mix_psi"] and status["image_embedding_auc"]

@@ -91,7 +91,7 @@ def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
     history = client.get_metric_history(trials[0].info.run_id, "val_f1_macro")
     assert 1 <= len(history) <= 6 and [m.step for m in history] == list(range(1, len(history) + 1))
     assert {"train_loss", "val_loss", "val_accuracy", "lr"} <= set(trials[0].data.metrics)
-    assert {"lr", "weight_decay", "batch_size", "activation"} <= set(trials[0].data.params)
+    assert {"lr", "weight_decay", "batch_size", "activation", "lexical_proj"} <= set(trials[0].data.params)
     metrics = parent.data.metrics
     for key in (
         "test_f1_macro",
@@ -102,6 +102,8 @@ def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
         "test_ece_before",
         "test_ece_after",
         "ablation_fusion_test_f1_macro",
+        "ablation_lexical_test_f1_macro",
+        "ablation_fusion_lexical_test_f1_macro",
         "best_val_f1_macro",
     ):
         assert 0 <= metrics[key] <= 1, key
@@ -131,15 +133,20 @@ def test_first_model_is_registered_and_promoted_with_its_card(trained, stack):
     assert len(loaded.codes) == 27 and loaded.card["encoder_set_id"] == trained["lineage"]["encoder_set_id"]
     assert loaded.card["git_sha"] and loaded.card["batch_ids"] == trained["lineage"]["batch_ids"]
     assert loaded.card["temperature"] > 0 and loaded.card["calibration"]["test_ece_after"] >= 0
-    # The pyfunc flavour predicts probabilities too.
+    # The first trial is the default configuration, whose lexical branch is on.
+    assert trained["lineage"]["lexical_dim"] > 1000
+    best = trained["best"]["config"]
+    assert (loaded.lexical is not None) == (int(best["lexical_proj"]) > 0 or bool(best["lexical_wide"]))
+    # The pyfunc flavour predicts probabilities too, from the product text as well when the head reads it.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{stack.registered_model_name}@production")
     dims = loaded.card["model_config"]
-    probs = pyfunc.predict(
-        {
-            "text_emb": np.zeros((2, dims["text_dim"]), np.float32),
-            "image_emb": np.zeros((2, dims["image_dim"]), np.float32),
-        }
-    )
+    inputs = {
+        "text_emb": np.zeros((2, dims["text_dim"]), np.float32),
+        "image_emb": np.zeros((2, dims["image_dim"]), np.float32),
+    }
+    if loaded.lexical is not None:
+        inputs["text"] = np.array(["Console PS4 Pro 1 To", "Piscine tubulaire ronde"])
+    probs = pyfunc.predict(inputs)
     assert probs.shape == (2, 27) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
@@ -153,7 +160,8 @@ def test_worse_model_is_not_promoted_better_one_is_and_rollback_swaps(trained, s
     name = stack.registered_model_name
     good = trained["version"]
     data, _ = train_job.load_dataset(stack, s3_client(stack))
-    card = registry.load_version(client, name, good).card
+    production = registry.load_version(client, name, good)
+    card = production.card
     # An untrained head with the same contract: a clearly worse model.
     worse_model = MultimodalMLP(
         FusionConfig(**{**card["model_config"], "hidden": tuple(card["model_config"]["hidden"])})
@@ -164,7 +172,9 @@ def test_worse_model_is_not_promoted_better_one_is_and_rollback_swaps(trained, s
     from pathlib import Path
 
     with mlflow.start_run(run_name="worse"), tempfile.TemporaryDirectory() as tmp:
-        model_dir = registry.write_model_dir(Path(tmp) / "m", worse_model.state_dict(), card)
+        model_dir = registry.write_model_dir(
+            Path(tmp) / "m", worse_model.state_dict(), card, production.lexical
+        )
         info = registry.log_model(model_dir, card, [])
     worse = mlflow.register_model(info.model_uri, name).version
     worse_f1 = train_job.score_codes(data, registry.load_version(client, name, worse))

@@ -6,17 +6,23 @@ import numpy as np
 import pytest
 import torch
 
+from lib.lexical import LexicalSpec
 from lib.model import FusionConfig, MultimodalMLP
-from lib.registry import decide_promotion
+from lib.registry import decide_promotion, read_model_dir, write_model_dir
 from lib.split import TEST, TRAIN, VAL, assign_splits
 from lib.train import (
     Dataset,
     TrainConfig,
     balanced_class_weights,
     configs_from_trial,
+    load_trained,
     make_optimizer,
+    predict_logits,
     train_model,
+    with_lexical,
 )
+
+LEXICAL_SPEC = LexicalSpec(word_ngrams=(1, 2), char_ngrams=(2, 4), min_df=2, max_features=2000)
 
 TRIAL = {"lr": 3.3e-4, "weight_decay": 0.042, "batch_size": 64, "dropout": 0.25, "hidden1": 64,
          "hidden2": 32, "hidden3": 16, "activation": "silu"}  # fmt: skip
@@ -29,8 +35,11 @@ def toy_dataset(n: int = 600, classes: int = 4, seed: int = 0) -> Dataset:
     text = (centroids[y] + rng.normal(scale=0.8, size=(n, 8))).astype(np.float32)
     image = (centroids[y][:, :6] + rng.normal(scale=2.0, size=(n, 6))).astype(np.float32)
     productid = np.arange(1000, 1000 + n)
+    # Each class has its own reference code (what sentence encoders blur); the other words are noise.
+    noise = ["lot", "neuf", "couleur", "taille", "garantie", "promo", "original", "qualité"]
+    texts = np.array([f"article ref-{c}{c}{c}x " + " ".join(rng.choice(noise, 3)) for c in y], dtype=object)
     return Dataset(text, image, y.astype(np.int64), assign_splits(productid, 0, 0.15, 0.15), productid,
-                   list(range(10, 10 + classes)))  # fmt: skip
+                   list(range(10, 10 + classes)), texts=texts)  # fmt: skip
 
 
 def test_sampled_lr_and_weight_decay_reach_the_optimizer():
@@ -127,3 +136,79 @@ def test_temperature_scaling_recovers_overconfidence_and_lowers_ece():
     before = expected_calibration_error(softmax(overconfident[2000:]), y[2000:])
     after = expected_calibration_error(softmax(overconfident[2000:], t), y[2000:])
     assert after < before / 2
+
+
+def test_lexical_block_sees_only_the_training_split_and_test_texts_change_nothing():
+    data = toy_dataset()
+    poisoned_texts = data.texts.copy()
+    poisoned_texts[data.split != TRAIN] = "zzqx poison words everywhere zzqx"
+    clean = with_lexical(data, LEXICAL_SPEC)
+    dirty = with_lexical(Dataset(**{**data.__dict__, "texts": poisoned_texts}), LEXICAL_SPEC)
+    for a, b in zip(clean.lexical_features.vectorizers, dirty.lexical_features.vectorizers, strict=True):
+        assert a.vocabulary_ == b.vocabulary_ and np.array_equal(a.idf_, b.idf_)
+    assert "zzqx" not in clean.lexical_features.vectorizers[0].vocabulary_
+    # Validation texts feed early stopping and selection; test texts must not: poison test only.
+    test_only = data.texts.copy()
+    test_only[data.split == TEST] = "zzqx poison"
+    dirty = with_lexical(Dataset(**{**data.__dict__, "texts": test_only}), LEXICAL_SPEC)
+    model_config, train_config = configs_from_trial(
+        {**TRIAL, "lexical_proj": 8},
+        8,
+        6,
+        4,
+        TrainConfig(max_epochs=3, seed=1),
+        lexical_dim=clean.lexical_dim,
+    )
+    a, b = train_model(clean, model_config, train_config), train_model(dirty, model_config, train_config)
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+
+
+def test_lexical_head_learns_from_the_text_alone_and_round_trips_through_the_model_files(tmp_path):
+    data = with_lexical(toy_dataset(), LEXICAL_SPEC)
+    model_config, train_config = configs_from_trial(
+        {**TRIAL, "lr": 3e-3, "lexical_proj": 16, "lexical_wide": True},
+        8,
+        6,
+        4,
+        TrainConfig(max_epochs=8),
+        "lexical",
+        data.lexical_dim,
+    )
+    result = train_model(data, model_config, train_config)
+    assert result.best_val["val_f1_macro"] > 0.95  # the reference codes give the class away
+    model = load_trained(model_config, result.state_dict)
+    text, image, _ = data.part(TEST)
+    expected = predict_logits(model, text, image, data.lexical_part(TEST))
+    card = {"codes": data.codes, "model_config": model_config.to_dict()}
+    loaded = read_model_dir(write_model_dir(tmp_path, result.state_dict, card, data.lexical_features))
+    # Serving's path: raw texts in, the saved vocabulary and IDF turn them into the same rows.
+    assert np.allclose(loaded.logits(text, image, data.texts_part(TEST)), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="text"):
+        loaded.logits(text, image)
+
+
+def test_lexical_proj_zero_turns_the_branch_off():
+    model_config, _ = configs_from_trial(
+        {**TRIAL, "lexical_proj": 0}, 8, 6, 4, TrainConfig(), lexical_dim=100
+    )
+    assert not model_config.uses_lexical and model_config.input_dim == 14
+    assert MultimodalMLP(model_config).lexical is None
+    with pytest.raises(ValueError, match="lexical"):
+        FusionConfig(text_dim=8, image_dim=6, n_classes=3, modality="lexical")
+
+
+def test_wide_only_lexical_head_is_a_linear_model_over_the_tfidf_block():
+    data = with_lexical(toy_dataset(), LEXICAL_SPEC)
+    model_config, train_config = configs_from_trial(
+        {**TRIAL, "lr": 1e-2, "lexical_proj": 0, "lexical_wide": True},
+        8,
+        6,
+        4,
+        TrainConfig(max_epochs=10),
+        "lexical",
+        data.lexical_dim,
+    )
+    model = MultimodalMLP(model_config)
+    assert model.body is None and model.lexical is None and model.wide is not None
+    result = train_model(data, model_config, train_config)
+    assert result.best_val["val_f1_macro"] > 0.95

@@ -54,14 +54,18 @@ def jpeg(size: int = 96, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def register_copy(settings, state_dict: dict, card: dict) -> str:
-    """A new version of the serving test model from a state dict and card (the pipeline's contract)."""
+def register_copy(settings, source: registry.LoadedModel, card: dict | None = None) -> str:
+    """A new version of the serving test model (its weights, TF-IDF block and card, or another card)."""
     import mlflow
 
+    card = card or source.card
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name="serve-test-copy"):
-        info = registry.log_model(registry.write_model_dir(Path(tmp) / "model", state_dict, card), card, [])
+        model_dir = registry.write_model_dir(
+            Path(tmp) / "model", source.model.state_dict(), card, source.lexical
+        )
+        info = registry.log_model(model_dir, card, [])
     return mlflow.register_model(info.model_uri, settings.registered_model_name).version
 
 
@@ -142,7 +146,9 @@ def source_model(production_model, stack) -> registry.LoadedModel:
     mlflow.set_tracking_uri(stack.mlflow_uri)  # models:/ downloads use the global tracking URI
     mlflow_client = MlflowClient(stack.mlflow_uri)
     version = registry.version_by_alias(mlflow_client, stack.registered_model_name, registry.PRODUCTION)
-    return registry.load_version(mlflow_client, stack.registered_model_name, version.version)
+    loaded = registry.load_version(mlflow_client, stack.registered_model_name, version.version)
+    assert loaded.lexical is not None  # the serving tests cover a head that reads the product text
+    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +190,7 @@ def started_at() -> datetime:
 @pytest.fixture(scope="module")
 def v1(app, before_model, source_model, started_at) -> str:
     """Version 1 registered and promoted; returns once the app serves it."""
-    version = register_copy(app, source_model.model.state_dict(), source_model.card)
+    version = register_copy(app, source_model)
     registry.promote(MlflowClient(app.mlflow_uri), app.registered_model_name, version)
     wait_for(lambda: served_version(app, version))
     return version
@@ -322,7 +328,7 @@ def test_promotion_during_traffic_swaps_without_a_failed_request(v1, app, source
     mlflow_client = MlflowClient(app.mlflow_uri)
     with Stream(app) as stream:
         wait_for(lambda: len(stream.results) >= 10)
-        v2 = register_copy(app, source_model.model.state_dict(), source_model.card)
+        v2 = register_copy(app, source_model)
         registry.promote(mlflow_client, app.registered_model_name, v2)
         wait_for(lambda: any(r[2] == v2 for r in stream.results))
         first_v2 = next(r[0] for r in stream.results if r[2] == v2)
@@ -339,7 +345,7 @@ def test_a_model_for_other_encoders_is_refused_and_rollback_is_followed(v1, app,
     mlflow_client = MlflowClient(app.mlflow_uri)
     serving = health(app)[1]["model_version"]
     card = {**source_model.card, "encoder_set_id": "000000000000", "text_encoder": "other@1/512/x"}
-    v3 = register_copy(app, source_model.model.state_dict(), card)
+    v3 = register_copy(app, source_model, card)
     registry.promote(mlflow_client, app.registered_model_name, v3)
     body = wait_for(lambda: (b := health(app)[1]).get("refused_versions", {}).get(v3) and b)
     assert "encoder_set_id" in body["refused_versions"][v3]
