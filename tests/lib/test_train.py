@@ -163,17 +163,15 @@ def test_lexical_block_sees_only_the_training_split_and_test_texts_change_nothin
     assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
 
 
+def lexical_only(data: Dataset, max_epochs: int, **trial) -> tuple[FusionConfig, TrainConfig]:
+    """Configs of a head that reads the TF-IDF block alone (toy dimensions)."""
+    base = TrainConfig(max_epochs=max_epochs)
+    return configs_from_trial({**TRIAL, **trial}, 8, 6, 4, base, "lexical", data.lexical_dim)
+
+
 def test_lexical_head_learns_from_the_text_alone_and_round_trips_through_the_model_files(tmp_path):
     data = with_lexical(toy_dataset(), LEXICAL_SPEC)
-    model_config, train_config = configs_from_trial(
-        {**TRIAL, "lr": 3e-3, "lexical_proj": 16, "lexical_wide": True},
-        8,
-        6,
-        4,
-        TrainConfig(max_epochs=8),
-        "lexical",
-        data.lexical_dim,
-    )
+    model_config, train_config = lexical_only(data, 8, lr=3e-3, lexical_proj=16, lexical_wide=True)
     result = train_model(data, model_config, train_config)
     assert result.best_val["val_f1_macro"] > 0.95  # the reference codes give the class away
     model = load_trained(model_config, result.state_dict)
@@ -199,15 +197,7 @@ def test_lexical_proj_zero_turns_the_branch_off():
 
 def test_wide_only_lexical_head_is_a_linear_model_over_the_tfidf_block():
     data = with_lexical(toy_dataset(), LEXICAL_SPEC)
-    model_config, train_config = configs_from_trial(
-        {**TRIAL, "lr": 1e-2, "lexical_proj": 0, "lexical_wide": True},
-        8,
-        6,
-        4,
-        TrainConfig(max_epochs=10),
-        "lexical",
-        data.lexical_dim,
-    )
+    model_config, train_config = lexical_only(data, 10, lr=1e-2, lexical_proj=0, lexical_wide=True)
     model = MultimodalMLP(model_config)
     assert model.body is None and model.lexical is None and model.wide is not None
     result = train_model(data, model_config, train_config)
