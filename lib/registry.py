@@ -79,24 +79,6 @@ def read_model_dir(path: Path, version: str | None = None) -> LoadedModel:
     return LoadedModel(model.eval(), card, version, lexical)
 
 
-class FusionPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc face of the fusion head: {text_emb, image_emb[, text]} → class probabilities."""
-
-    def load_context(self, context) -> None:
-        self.loaded = read_model_dir(Path(context.artifacts["card"]).parent)
-
-    def predict(self, context, model_input, params=None):
-        texts = model_input.get("text")
-        logits = self.loaded.logits(
-            np.asarray(model_input["text_emb"], np.float32),
-            np.asarray(model_input["image_emb"], np.float32),
-            None if texts is None else [str(t) for t in np.asarray(texts).ravel()],
-        )
-        z = logits / self.loaded.card.get("temperature", 1.0)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
-
-
 def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
     """Log the model directory as a pyfunc model in the active run (with a tensor signature)."""
     from mlflow.models import ModelSignature
@@ -113,6 +95,8 @@ def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
         inputs=Schema(inputs),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(card["codes"])), "probabilities")]),
     )
+    from lib.pyfunc import FusionPyfunc  # defining it costs an MLflow warning: only where it is used
+
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=FusionPyfunc(),
