@@ -10,7 +10,7 @@ import io
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -89,16 +89,18 @@ def ablation_variants(config: dict, lexical: bool) -> dict[str, tuple[str, dict]
     "lexical" use the best configuration's lexical branch, or the default one if the search turned the
     branch off (the row then shows what the branch would have given).
     """
-    # Keys are lib.metrics.ABLATION_ROWS.
+    # Keys are lib.metrics.ABLATION_ROWS. The variant that is ``config`` itself is ``config`` (the same
+    # object), so the caller can reuse its model; text and image heads ignore the lexical keys.
+    if not lexical:
+        return {"text": ("text", config), "image": ("image", config), "fusion": ("fusion", config)}
     lexical_keys = ("lexical_proj", "lexical_wide")
-    dense = {**config, "lexical_proj": 0, "lexical_wide": False}
-    variants = {"text": ("text", dense), "image": ("image", dense), "fusion": ("fusion", dense)}
-    if lexical:
-        branch_on = bool(config.get("lexical_proj")) or bool(config.get("lexical_wide"))
-        source = config if branch_on else DEFAULT_TRIAL
-        with_lexical = {**config, **{k: source[k] for k in lexical_keys}}
-        variants |= {"fusion_lexical": ("fusion", with_lexical), "lexical": ("lexical", with_lexical)}
-    return variants
+    branch_on = bool(config.get("lexical_proj")) or bool(config.get("lexical_wide"))
+    dense = {**config, "lexical_proj": 0, "lexical_wide": False} if branch_on else config
+    with_lexical = config if branch_on else {**config, **{k: DEFAULT_TRIAL[k] for k in lexical_keys}}
+    return {
+        "text": ("text", config), "image": ("image", config), "fusion": ("fusion", dense),
+        "fusion_lexical": ("fusion", with_lexical), "lexical": ("lexical", with_lexical),
+    }  # fmt: skip
 
 
 def load_dataset(settings: Settings, client) -> tuple[Dataset, dict]:
@@ -210,7 +212,12 @@ def tune_head(
     settings = settings.model_copy(update={"tune_max_epochs": max_epochs})
     trainable = tune.with_resources(
         tune.with_parameters(
-            trial_fn, data=data, parent_run_id=parent_run_id, experiment_id=experiment_id, settings=settings
+            trial_fn,
+            # Trials read the TF-IDF rows, not the fitted vectorizers (vocabularies): leave those out.
+            data=replace(data, lexical_features=None),
+            parent_run_id=parent_run_id,
+            experiment_id=experiment_id,
+            settings=settings,
         ),
         {"cpu": 1},
     )
@@ -271,16 +278,9 @@ def evaluate_ablation(data: Dataset, config: dict, base: TrainConfig, report: di
     ``report`` is the test report of ``config`` itself, reused for the variant that is the same model
     (training is seeded: it would come out identical).
     """
-    lexical = data.lexical_dim > 0
-
-    def branch(cfg: dict) -> tuple:
-        if not lexical:
-            return (0, False)
-        return int(cfg.get("lexical_proj", 0)), bool(cfg.get("lexical_wide", False))
-
     out = {}
-    for name, (modality, cfg) in ablation_variants(config, lexical).items():
-        same = modality == "fusion" and branch(cfg) == branch(config)
+    for name, (modality, cfg) in ablation_variants(config, lexical=data.lexical_dim > 0).items():
+        same = modality == "fusion" and cfg is config
         out[name] = report if same else fit_and_test(data, cfg, base, modality)[3]
     return out
 
@@ -412,7 +412,7 @@ def run(
             "test_ece_after": report["ece_after"],
         }
         mlflow.log_metrics(calibration)
-        test = metrics.summary(y_test, predicted)
+        test = {k: report[k] for k in ("f1_macro", "f1_weighted", "accuracy")}
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
         mlflow.log_metrics({f"ablation_{m}_test_f1_macro": v["f1_macro"] for m, v in ablation.items()})
         mlflow.log_dict(ablation, "ablation.json")

@@ -66,6 +66,11 @@ class FusionConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "hidden": list(self.hidden)}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> FusionConfig:
+        """The inverse of ``to_dict`` (a model card's ``model_config``)."""
+        return cls(**{**values, "hidden": tuple(values["hidden"])})
+
 
 class MultimodalMLP(nn.Module):
     """[dense inputs ‖ TF-IDF projection] → BN → 3 × (Linear → BN → activation → Dropout) → classes."""

@@ -56,14 +56,13 @@ class LoadedModel:
 
 def write_model_dir(path: Path, state_dict: dict, card: dict, lexical: LexicalFeatures | None = None) -> Path:
     """The files of the model contract (a head with a lexical branch needs its fitted TF-IDF block)."""
-    config = card["model_config"]
-    reads_text = FusionConfig(**{**config, "hidden": tuple(config["hidden"])}).uses_lexical
+    reads_text = FusionConfig.from_dict(card["model_config"]).uses_lexical
     if reads_text and lexical is None:
         raise ValueError("this head has a lexical branch: pass the LexicalFeatures it was trained with")
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, path / WEIGHTS_FILE)
     (path / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
-    if lexical is not None:
+    if reads_text:  # a head without the branch carries no vocabulary, and its pyfunc takes no text
         lexical.save(path)
     return path
 
@@ -72,7 +71,7 @@ def read_model_dir(path: Path, version: str | None = None) -> LoadedModel:
     """Load a fusion head from a directory holding the contract's files (searched recursively)."""
     card_path = next(Path(path).rglob(CARD_FILE))
     card = json.loads(card_path.read_text())
-    config = FusionConfig(**{**card["model_config"], "hidden": tuple(card["model_config"]["hidden"])})
+    config = FusionConfig.from_dict(card["model_config"])
     model = MultimodalMLP(config)
     model.load_state_dict(torch.load(card_path.parent / WEIGHTS_FILE, weights_only=True))
     lexical = LexicalFeatures.load(card_path.parent) if config.uses_lexical else None
@@ -88,7 +87,7 @@ def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
     inputs = [TensorSpec(np.dtype(np.float32), (-1, text_dim), "text_emb"),
               TensorSpec(np.dtype(np.float32), (-1, image_dim), "image_emb")]  # fmt: skip
     artifacts = {"weights": str(model_dir / WEIGHTS_FILE), "card": str(model_dir / CARD_FILE)}
-    if (model_dir / VOCABULARY_FILE).exists():  # a lexical head also reads the product text
+    if FusionConfig.from_dict(card["model_config"]).uses_lexical:  # it also reads the product text
         inputs.append(TensorSpec(np.dtype(np.str_), (-1,), "text"))
         artifacts |= {"lexical": str(model_dir / VOCABULARY_FILE), "lexical_idf": str(model_dir / IDF_FILE)}
     signature = ModelSignature(

@@ -163,9 +163,7 @@ def test_worse_model_is_not_promoted_better_one_is_and_rollback_swaps(trained, s
     production = registry.load_version(client, name, good)
     card = production.card
     # An untrained head with the same contract: a clearly worse model.
-    worse_model = MultimodalMLP(
-        FusionConfig(**{**card["model_config"], "hidden": tuple(card["model_config"]["hidden"])})
-    )
+    worse_model = MultimodalMLP(FusionConfig.from_dict(card["model_config"]))
     mlflow.set_tracking_uri(stack.mlflow_uri)
     mlflow.set_experiment(stack.mlflow_experiment)
     import tempfile
