@@ -99,12 +99,15 @@ def to_matrix(column: pd.Series, dim: int) -> np.ndarray:
     return np.stack(column.to_numpy()).astype(np.float32, copy=False)
 
 
-def encoder_pool_size(cluster_cpus: float, actor_cpus: float) -> int:
-    """How many encoder actors fit while one CPU stays free for the read/write tasks.
+def encoder_pool_size(cluster_cpus: float, actor_cpus: float, reserve_cpus: float) -> int:
+    """How many encoder actors fit beside ``reserve_cpus`` for the fetch/write tasks, at most one per core.
 
-    Leaving no CPU to the other Ray Data tasks deadlocks the pipeline on small machines.
+    Leaving no CPU to the other Ray Data tasks deadlocks the pipeline on small machines. One actor per
+    core with one thread each beats fewer actors with more threads (bench_embed: 2 × 1 thread encodes
+    17 % more products/s than 1 × 2 threads on 2 cores).
     """
-    return max(1, math.floor((cluster_cpus - 1) / actor_cpus))
+    fits = math.floor((cluster_cpus - reserve_cpus) / actor_cpus)
+    return max(1, min(math.floor(cluster_cpus), fits))
 
 
 def _ray_node_id() -> str | None:
@@ -126,7 +129,7 @@ def plan_encoder_pool(
     free = max(available_cpus - reserve_cpus, 0.0)
     if free >= actor_cpus:
         return max(
-            1, min(encoder_pool_size(total_cpus, actor_cpus), math.floor(free / actor_cpus))
+            1, min(encoder_pool_size(total_cpus, actor_cpus, reserve_cpus), math.floor(free / actor_cpus))
         ), actor_cpus
     return 1, max(round(free, 2), 0.05)
 

@@ -68,9 +68,13 @@ class Settings(BaseSettings):
         "efficientnet-lite0", description="efficientnet-lite0 (ONNX) | efficientnet-lite0-torch | timm:<name>"
     )
     text_max_chars: int = Field(300, description="Description characters kept after the title for encoding.")
-    encoder_threads: int = Field(2, description="Intra-op threads of one encoder worker.")
+    encoder_threads: int = Field(
+        1, description="Intra-op threads of one encoder worker (more actors beat more threads per actor)."
+    )
     embed_batch_size: int = 32
-    embed_actor_cpus: float = Field(1.0, description="CPUs reserved per encoder actor (fractional is fine).")
+    embed_actor_cpus: float = Field(
+        0.75, description="CPUs reserved per encoder actor: 2 cores - reserve = 2 one-thread actors."
+    )
     embed_reserve_cpus: float = Field(
         0.5, description="CPUs left free beside the encoder actors for Ray Data's other tasks (no deadlock)."
     )

@@ -82,6 +82,7 @@ def test_encoder_pool_fits_what_is_free_now():
     from lib.embed import plan_encoder_pool
 
     assert plan_encoder_pool(2, 2, 1.0, 0.5) == (1, 1.0)
+    assert plan_encoder_pool(2, 2, 0.75, 0.5) == (2, 0.75)
     assert plan_encoder_pool(4, 4, 1.0, 0.5) == (3, 1.0)
     # Serve holds 0.7 CPU of 2: a 1-CPU actor plus the other tasks would never be scheduled.
     assert plan_encoder_pool(2, 1.3, 1.0, 0.5) == (1, 0.8)
@@ -89,6 +90,8 @@ def test_encoder_pool_fits_what_is_free_now():
 
 
 def test_encoder_pool_leaves_a_cpu_for_the_other_tasks():
-    assert encoder_pool_size(2, 1.0) == 1
-    assert encoder_pool_size(4, 1.0) == 3
-    assert encoder_pool_size(1, 1.0) == 1
+    assert encoder_pool_size(2, 1.0, 0.5) == 1
+    assert encoder_pool_size(4, 1.0, 0.5) == 3
+    assert encoder_pool_size(1, 1.0, 0.5) == 1
+    assert encoder_pool_size(2, 0.75, 0.5) == 2
+    assert encoder_pool_size(8, 0.75, 0.5) == 8  # never more actors than cores
