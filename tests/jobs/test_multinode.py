@@ -33,12 +33,14 @@ GCS, CLIENT, DASHBOARD, HEAD_AGENT, WORKER_AGENT = 26395, 26396, 28285, 28286, 2
 TEMP_DIR = Path("/tmp/ray-multinode")
 PIDS = Path("/tmp/ray-multinode.pids.json")  # the node groups of a run, for the next run if this one crashes
 VENV_BIN = Path(sys.executable).parent
-PRODUCTS = 60
+# More than (actors × batch size) rows: smaller blocks are bundled into fewer, larger ones by Ray Data,
+# which could leave one node's actors without a block.
+PRODUCTS = 200
 
-# The driver: ingest, then embed with the job's own code. Two Ray Data knobs make the spread deterministic
-# on a run this small (3 blocks): dispatch only once the whole actor pool is up, one block per actor at a
-# time. With the defaults (locality first, 2 blocks in flight per actor) the actors of the node holding
-# the blocks may take them all; on real volumes every actor is busy anyway.
+# The driver: ingest, then embed with the job's own code. Three Ray Data knobs make the spread
+# deterministic on a run this small (4 blocks): dispatch only once the whole actor pool is up, one block
+# per actor at a time, no locality preference. With the defaults (locality first, 2 blocks in flight per
+# actor) the actors of the node holding the blocks may take them all; on real volumes every actor is busy.
 DRIVER = """
 import json, sys
 import ray
@@ -52,6 +54,7 @@ connect_ray(settings)
 context = ray.data.DataContext.get_current()
 context.wait_for_min_actors_s = 600
 context.max_tasks_in_flight_per_actor = 1
+context.execution_options.actor_locality_enabled = False
 build_image_encoder(settings)  # export the ONNX model once here, not in three actors at once
 ingest.run(sys.argv[1], settings)
 print("RESULT " + json.dumps(embed.run(settings)))
