@@ -8,6 +8,7 @@ Embeddings come from the real pipeline (ingest + embed) in a stack of the benchm
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -76,16 +77,22 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
     return rows, ablation
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--generated", type=int, default=20_000, help="generated products (0: skip)")
+    args = parser.parse_args(argv)
     results, ablations = [], {}
     with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
         real = real_data_dir()
         catalogues = []
         if real:
             catalogues.append(("real-sample", zip_real_sample(real, Path(tmp) / "real.zip")))
-        generated = Path(tmp) / "gen20000.zip"
-        write_sample_zip(SampleSpec(products=20_000, seed=20_000, image_size=128), generated)
-        catalogues.append(("generated-20k", generated))
+        if args.generated:
+            generated = Path(tmp) / f"generated-{args.generated}.zip"
+            write_sample_zip(SampleSpec(products=args.generated, seed=20_000, image_size=128), generated)
+            catalogues.append((f"generated-{args.generated}", generated))
         for name, path in catalogues:
             embedded = load_catalogue(settings, path)
             print(f"{name}: {embedded['products']} products embedded ({embedded['items_per_s']} items/s)")
