@@ -7,6 +7,7 @@ Prints products accepted/rejected, embedding items/s, tuning wall time, test F1-
 
 from __future__ import annotations
 
+import argparse
 import base64
 import statistics
 import tempfile
@@ -44,7 +45,10 @@ def real_requests(zip_path: Path, n: int) -> list[dict]:
     return bodies
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_acceptance", description=__doc__.splitlines()[0]
+    ).parse_args(argv)  # no options; --help describes the run instead of starting it
     real = real_data_dir()
     if real is None:
         print("no real sample: set RAKUTEN_REAL_DATA to the folder of X_train_update.csv; nothing measured")

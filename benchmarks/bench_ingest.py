@@ -6,6 +6,7 @@ task one partition of images. Prints rows/s and peak RSS (driver, largest Ray wo
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ def run_one(settings, path: Path, name: str) -> list[object]:
     ]  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_ingest", description=__doc__.splitlines()[0]
+    ).parse_args(argv)  # no options; --help describes the run instead of starting it
     rows = []
     with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
         for products in (2_000, 20_000):
