@@ -7,7 +7,6 @@ Prints products accepted/rejected, embedding items/s, tuning wall time, test F1-
 
 from __future__ import annotations
 
-import argparse
 import base64
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ import httpx
 import mlflow
 import pandas as pd
 
-from benchmarks.common import bench_stack, print_table, real_data_dir, zip_real_sample
+from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import submit as submitter
 from jobs import watch as watch_job
 from jobs.demo import file_batch_id, wait_for_pipeline, wait_for_serve
@@ -46,9 +45,7 @@ def real_requests(zip_path: Path, n: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_acceptance", description=__doc__.splitlines()[0]
-    ).parse_args(argv)  # no options; --help describes the run instead of starting it
+    bench_parser("bench_acceptance", __doc__).parse_args(argv)  # no options: --help only
     real = real_data_dir()
     if real is None:
         print("no real sample: set RAKUTEN_REAL_DATA to the folder of X_train_update.csv; nothing measured")

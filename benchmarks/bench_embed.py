@@ -27,7 +27,6 @@ c/b >= 3.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import statistics
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import bench_stack, print_table, real_data_dir, zip_real_sample
+from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
 from jobs.common import connect_ray
@@ -246,9 +245,7 @@ def report(results: list[dict], settings: Settings, rounds: int, niceness: int) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_embed", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("bench_embed", __doc__)
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds of a, b, c")
     parser.add_argument("--products", type=int, default=GENERATED_PRODUCTS, help="generated products")
     parser.add_argument(

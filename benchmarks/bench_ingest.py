@@ -6,12 +6,11 @@ task one partition of images. Prints rows/s and peak RSS (driver, largest Ray wo
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PeakRss, bench_stack, print_table, real_data_dir, zip_real_sample
+from benchmarks.common import PeakRss, bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import ingest as ingest_job
 from lib.sample import SampleSpec, write_sample_zip
 from lib.storage import s3_client
@@ -31,9 +30,7 @@ def run_one(settings, path: Path, name: str) -> list[object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_ingest", description=__doc__.splitlines()[0]
-    ).parse_args(argv)  # no options; --help describes the run instead of starting it
+    bench_parser("bench_ingest", __doc__).parse_args(argv)  # no options: --help only
     rows = []
     with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
         for products in (2_000, 20_000):

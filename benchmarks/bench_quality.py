@@ -15,7 +15,6 @@ against the dense head, in process: the only work the branch adds to a request.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ import mlflow
 import numpy as np
 
 from benchmarks.bench_train import load_catalogue
-from benchmarks.common import bench_stack, print_table, real_data_dir, zip_real_sample
+from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import train as train_job
 from lib import metrics
 from lib.metrics import ABLATION_ROWS
@@ -119,9 +118,7 @@ def report(name: str, per_seed: dict[int, dict[str, dict]], latency: dict) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_quality", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("bench_quality", __doc__)
     parser.add_argument("--seeds", default="0,1,2", help="split seeds (comma-separated)")
     parser.add_argument("--trials", type=int, default=20, help="tuning trials per seed")
     parser.add_argument("--generated", type=int, default=20_000, help="generated products (0: skip)")

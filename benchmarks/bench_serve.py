@@ -10,7 +10,6 @@ Targets: batched/unbatched throughput >= 3 at concurrency 32; text-only p99 <= 3
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 from starlette.requests import Request  # module level: FastAPI resolves the route's string annotations here
 
-from benchmarks.common import bench_stack, print_table
+from benchmarks.common import bench_parser, bench_stack, print_table
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
 CONCURRENCY = (1, 8, 32)
@@ -355,9 +354,7 @@ def reference_main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_serve", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("bench_serve", __doc__)
     parser.add_argument("--reference", type=int, metavar="PORT", help="run the reference FastAPI server")
     args = parser.parse_args()
     if args.reference:

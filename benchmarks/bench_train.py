@@ -8,14 +8,13 @@ Embeddings come from the real pipeline (ingest + embed) in a stack of the benchm
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 
-from benchmarks.common import bench_stack, print_table, real_data_dir, zip_real_sample
+from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
 from jobs import train as train_job
@@ -78,9 +77,7 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_train", description=__doc__.splitlines()[0]
-    )
+    parser = bench_parser("bench_train", __doc__)
     parser.add_argument("--generated", type=int, default=20_000, help="generated products (0: skip)")
     args = parser.parse_args(argv)
     results, ablations = [], {}

@@ -1,7 +1,8 @@
-"""Shared benchmark plumbing: a stack of its own, real-data zipping, resource sampling, tables."""
+"""Shared benchmark plumbing: command line, own stack, real-data zipping, resource sampling, tables."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import threading
@@ -28,6 +29,14 @@ BENCH_ENV = {
     "RAKUTEN_SERVE_PORT": "30800",
     "RAKUTEN_DASH_PORT": "30850",
 }
+
+
+def bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.<name>``, described by the first line of its docstring.
+
+    Every benchmark parses its arguments, options or not, so ``--help`` never starts a run.
+    """
+    return argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.splitlines()[0])
 
 
 def real_data_dir() -> Path | None:

@@ -55,7 +55,7 @@ context = ray.data.DataContext.get_current()
 context.wait_for_min_actors_s = 600
 context.max_tasks_in_flight_per_actor = 1
 context.execution_options.actor_locality_enabled = False
-build_image_encoder(settings)  # export the ONNX model once here, not in three actors at once
+build_image_encoder(settings)  # export the ONNX model once here, not in four actors at once
 ingest.run(sys.argv[1], settings)
 print("RESULT " + json.dumps(embed.run(settings)))
 """
