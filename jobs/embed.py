@@ -80,8 +80,9 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         .map_batches(
             EncoderWorker,
             fn_constructor_args=(settings,),
-            # The whole pool from the start (on a cluster: actors on several nodes).
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
+            # A fixed pool, sized above from the CPUs free now: with room to shrink, Ray Data's autoscaler
+            # cuts it to its own per-operator CPU budget (1 of 2 actors on 2 cores: half the speed).
+            compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=actor_cpus,
             batch_size=settings.embed_batch_size,
             batch_format="pandas",

@@ -144,7 +144,7 @@ def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str
     """One Tune trial: train with the sampled values, report every epoch to Tune and MLflow."""
     import torch
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
     from ray import tune
 
     torch.set_num_threads(1)  # trials run side by side; one thread each avoids oversubscription
@@ -155,8 +155,7 @@ def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str
         run_name=f"trial-{context.get_trial_id()}",
         tags={"mlflow.parentRunId": parent_run_id, "tune_trial_id": context.get_trial_id()},
     )
-    for key, value in config.items():
-        client.log_param(run.info.run_id, key, value)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
     model_config, train_config = configs_from_trial(
         config,
         data.text.shape[1],
@@ -191,20 +190,30 @@ def tune_head(
     trials: int,
     max_epochs: int,
     scheduler: str = "asha",
+    replay: list[dict] | None = None,
 ) -> dict:
-    """Run the search; returns the best trial's config (by its best val F1-macro over epochs)."""
+    """Run the search; returns the best trial's config (by its best val F1-macro over epochs).
+
+    ``replay``: run exactly these configurations, in order, instead of searching (``trials`` is then
+    their number). The benchmark's FIFO baseline replays ASHA's trials so that the two schedulers train
+    the same 20 configurations: TPE fed with truncated results would otherwise sample different ones.
+    """
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     space = search_space(lexical=data.lexical_dim > 0)
+    points = replay if replay is not None else [default_trial(space)]
+    trials = len(replay) if replay is not None else trials
     search = OptunaSearch(
-        sampler=optuna.samplers.TPESampler(seed=settings.tune_seed), points_to_evaluate=[default_trial(space)]
+        sampler=optuna.samplers.TPESampler(seed=settings.tune_seed), points_to_evaluate=points
     )
     chosen = (
         ASHAScheduler(
-            max_t=max_epochs, grace_period=min(settings.tune_grace_epochs, max_epochs), reduction_factor=3
+            max_t=max_epochs,
+            grace_period=min(settings.tune_grace_epochs, max_epochs),
+            reduction_factor=settings.tune_reduction_factor,
         )
         if scheduler == "asha"
         else FIFOScheduler()
@@ -225,7 +234,14 @@ def tune_head(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=TARGET, mode="max", search_alg=search, scheduler=chosen, num_samples=trials
+            metric=TARGET,
+            mode="max",
+            search_alg=search,
+            scheduler=chosen,
+            num_samples=trials,
+            # A trial's process starts once and serves the next trials: no interpreter + torch import
+            # per trial, which costs a short (ASHA-stopped) trial about as much as its training.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"fusion-{parent_run_id[:8]}", storage_path=str(settings.state_dir / "tune"), verbose=1
@@ -237,6 +253,7 @@ def tune_head(
         "config": best.config,
         "val_f1_macro": float(best.metrics_dataframe[TARGET].max()),
         "trials": len(results),
+        "configs": [r.config for r in results],  # every trial's configuration, in trial order
         "stopped_early": sum(len(r.metrics_dataframe) < max_epochs for r in results),
     }
 

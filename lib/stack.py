@@ -103,7 +103,7 @@ def _s3_service(settings: Settings) -> Service:
         "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config_path}",
     ]  # fmt: skip
-    env = {"GOMEMLIMIT": "256MiB"}
+    env = {"GOMEMLIMIT": settings.s3_go_memory_limit}
     return Service(
         "s3", command, f"http://{settings.host}:{port}/healthz", settings.s3_url, port, env,
         start_timeout_s=60, after_start=_create_buckets,

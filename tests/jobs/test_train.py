@@ -203,3 +203,19 @@ def test_pruning_keeps_aliased_and_newest_versions(trained, stack):
     after = {v.version for v in client.search_model_versions(f"name='{name}'")}
     aliased = set(client.get_registered_model(name).aliases.values())
     assert after == aliased and set(deleted) == before - aliased
+
+
+def test_replay_trains_exactly_the_given_configurations_in_order(trained, stack):
+    """The ASHA-vs-FIFO benchmark's FIFO run replays ASHA's trials: the search must not sample others."""
+    data, _ = train_job.load_dataset(stack, s3_client(stack))
+    space = train_job.search_space(lexical=data.lexical_dim > 0)
+    first = train_job.default_trial(space)
+    second = {**first, "lr": 3e-4, "batch_size": 128, "activation": "relu", "lexical_proj": 0}
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    experiment = mlflow.set_experiment(f"{stack.mlflow_experiment}-replay")
+    with mlflow.start_run() as parent:
+        out = train_job.tune_head(
+            stack, data, parent.info.run_id, experiment.experiment_id, 20, 2, "fifo", replay=[first, second]
+        )
+    assert out["trials"] == 2
+    assert out["configs"] == [first, second]

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from lib import stack as stack_mod
 from lib.settings import PROJECT_ROOT
-from lib.storage import arrow_fs, get_bytes, put_bytes, s3_client
+from lib.storage import arrow_fs, get_bytes, put_bytes, read_object, s3_client
 
 
 def test_every_service_is_healthy(stack):
@@ -65,6 +65,7 @@ def test_boto3_and_pyarrow_round_trip(s3, stack):
     fs = arrow_fs(stack)
     pq.write_table(table, f"{stack.bucket_lake}/probe/t.parquet", filesystem=fs)
     assert pq.read_table(f"{stack.bucket_lake}/probe/t.parquet", filesystem=fs).equals(table)
+    assert read_object(fs, stack.bucket_lake, "probe/hello.bin") == b"\x00\x01bonjour"  # same bytes, C++ path
 
 
 def test_wrong_keys_are_refused(stack):
