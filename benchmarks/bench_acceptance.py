@@ -23,6 +23,7 @@ from jobs import submit as submitter
 from jobs import watch as watch_job
 from jobs.demo import file_batch_id, wait_for_pipeline, wait_for_serve
 from lib.rakuten import X_FILE, image_member_name
+from lib.stack import reset_lake_and_registry
 from lib.storage import s3_client
 from serve import deploy as serve_deploy
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         print("no real sample: set RAKUTEN_REAL_DATA to the folder of X_train_update.csv; nothing measured")
         return
     with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
+        # The bench stack's state outlives a run: a lake that already holds this sample would make the
+        # pipeline a no-op (duplicate batch, cached embeddings) and measure nothing.
+        reset_lake_and_registry(settings)
         zip_path = zip_real_sample(real, Path(tmp) / "rakuten_real.zip")
         serve_deploy.deploy(settings)
         watcher = watch_job.ensure_running(settings)

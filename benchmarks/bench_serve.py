@@ -51,20 +51,15 @@ def build_production_model(settings: Settings) -> pd.DataFrame:
 
     Returns the catalogue with an ``image`` column (JPEG bytes) for the request payloads.
     """
-    from mlflow import MlflowClient
-
     from jobs import embed as embed_job
     from jobs import ingest as ingest_job
     from jobs import train as train_job
     from lib.sample import SampleSpec, write_sample_zip
-    from lib.storage import delete_prefix, put_bytes, s3_client
+    from lib.stack import reset_lake_and_registry
+    from lib.storage import put_bytes, s3_client
 
+    reset_lake_and_registry(settings)
     client = s3_client(settings)
-    for bucket in (settings.bucket_lake, settings.bucket_incoming):
-        delete_prefix(client, bucket, "")
-    registry_client = MlflowClient(settings.mlflow_uri)
-    if registry_client.search_registered_models(f"name='{settings.registered_model_name}'"):
-        registry_client.delete_registered_model(settings.registered_model_name)
     buf = io.BytesIO()
     spec = SampleSpec(products=SAMPLE_PRODUCTS, seed=SAMPLE_SEED, image_size=IMAGE_SIZE)
     catalogue = write_sample_zip(spec, buf)

@@ -19,6 +19,7 @@ from lib.embed import (
     EncoderWorker,
     ImageFetcher,
     embedding_inputs,
+    encoder_threads,
     plan_encoder_pool,
     read_embeddings,
     run_prefix,
@@ -62,6 +63,13 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         settings.embed_actor_cpus,
         settings.embed_reserve_cpus,
     )
+    # Ray Data merges blocks smaller than a batch into one input: more actors than full batches would
+    # only start (and load the encoders) to sit idle.
+    pool = min(pool, max(1, len(todo) // settings.embed_batch_size))
+    alive_nodes = sum(node["Alive"] for node in ray.nodes())
+    total_cpus = ray.cluster_resources().get("CPU", 1)
+    threads = encoder_threads(total_cpus, alive_nodes, pool, settings.encoder_threads)
+    worker_settings = settings.model_copy(update={"encoder_threads": threads})
     blocks = max(pool, math.ceil(len(todo) / (settings.embed_batch_size * 8)))
     size = math.ceil(len(todo) / blocks)
     # Blocks made here rather than by `repartition`, whose task would need a whole free CPU.
@@ -79,7 +87,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         )
         .map_batches(
             EncoderWorker,
-            fn_constructor_args=(settings,),
+            fn_constructor_args=(worker_settings,),
             # A fixed pool, sized above from the CPUs free now: with room to shrink, Ray Data's autoscaler
             # cuts it to its own per-operator CPU budget (1 of 2 actors on 2 cores: half the speed).
             compute=ray.data.ActorPoolStrategy(size=pool),
@@ -101,6 +109,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         "text_dim": text_id.dim,
         "image_dim": image_id.dim,
         "actors": pool,
+        "threads_per_actor": threads,
         "batch_size": settings.embed_batch_size,
         "seconds": round(seconds, 2),
         "items_per_s": round(len(todo) / seconds, 1),

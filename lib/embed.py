@@ -134,6 +134,17 @@ def plan_encoder_pool(
     return 1, max(round(free, 2), 0.05)
 
 
+def encoder_threads(cluster_cpus: float, nodes: int, actors: int, minimum: int) -> int:
+    """Intra-op threads per encoder actor, so that the pool's threads cover every core of a node.
+
+    Ray's CPUs are a reservation, not a limit: beside Serve replicas (which reserve CPUs but mostly idle)
+    only one actor fits on 2 cores, and with one thread it would leave the second core unused.
+    """
+    nodes = max(nodes, 1)
+    per_node = math.ceil(actors / nodes)
+    return max(minimum, math.floor(cluster_cpus / nodes / per_node))
+
+
 IMAGE_BYTES = "image_bytes"  # column the fetch stage adds: the JPEG bytes of each product (None: no image)
 
 

@@ -234,6 +234,20 @@ def _wait_healthy(settings: Settings, service: Service, proc: psutil.Process) ->
     )
 
 
+def reset_lake_and_registry(settings: Settings) -> None:
+    """Empty the lake and incoming buckets and delete the registered model: a system with no history."""
+    from mlflow import MlflowClient
+
+    from lib.storage import delete_prefix, s3_client
+
+    client = s3_client(settings)
+    for bucket in (settings.bucket_lake, settings.bucket_incoming):
+        delete_prefix(client, bucket, "")
+    registry_client = MlflowClient(settings.mlflow_uri)
+    if registry_client.search_registered_models(f"name='{settings.registered_model_name}'"):
+        registry_client.delete_registered_model(settings.registered_model_name)
+
+
 def up(settings: Settings | None = None, names: list[str] | None = None, echo: Callable = print) -> None:
     """Start the services that are not running (all of them by default) and wait until healthy."""
     settings = settings or get_settings()

@@ -86,20 +86,6 @@ def lake_reset(s3, stack):
         delete_prefix(s3, bucket, "")
 
 
-def reset_lake_and_registry(settings) -> None:
-    """Empty the lake and incoming buckets and delete the registered model: a system with no history."""
-    from mlflow import MlflowClient
-
-    from lib.storage import delete_prefix, s3_client
-
-    client = s3_client(settings)
-    for bucket in (settings.bucket_lake, settings.bucket_incoming):
-        delete_prefix(client, bucket, "")
-    registry_client = MlflowClient(settings.mlflow_uri)
-    if registry_client.search_registered_models(f"name='{settings.registered_model_name}'"):
-        registry_client.delete_registered_model(settings.registered_model_name)
-
-
 def build_production_model(settings, products: int = 300, seed: int = 5) -> dict:
     """The real pipeline on a small generated sample: ingest → embed (real encoders) → train → promote.
 
@@ -111,6 +97,7 @@ def build_production_model(settings, products: int = 300, seed: int = 5) -> dict
     from jobs import ingest as ingest_job
     from jobs import train as train_job
     from lib.sample import SampleSpec, write_sample_zip
+    from lib.stack import reset_lake_and_registry
     from lib.storage import put_bytes, s3_client
 
     reset_lake_and_registry(settings)

@@ -15,8 +15,8 @@ from jobs import watch as watch_job
 from lib import lake, registry
 from lib.pipeline import ARCHIVE_DUPLICATE, SUBMIT, SUCCEEDED, WAIT, record_key
 from lib.sample import SampleSpec, write_sample_zip
+from lib.stack import reset_lake_and_registry
 from lib.storage import exists, get_json, list_keys, put_bytes
-from tests.conftest import reset_lake_and_registry
 
 
 def wait_succeeded(jobs, submission_id: str) -> None:

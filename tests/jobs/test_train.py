@@ -21,8 +21,8 @@ from lib.encoders import encoder_ids, encoder_set_id
 from lib.model import FusionConfig, MultimodalMLP
 from lib.sample import SampleSpec, write_sample_zip
 from lib.settings import PROJECT_ROOT
+from lib.stack import reset_lake_and_registry
 from lib.storage import put_bytes, put_json, put_table, s3_client
-from tests.conftest import reset_lake_and_registry
 
 
 def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> None:
