@@ -193,7 +193,7 @@ def bench_dataset(settings: Settings, path: Path, rounds: int, niceness: int, re
             if manifest["encoded"] != n:
                 raise RuntimeError(f"the job encoded {manifest['encoded']} of {n} products")
             runs["c"].products.append(n / seconds)
-            actors = manifest["actors"]
+            actors = f"{manifest['actors']} actor(s) × {manifest['threads_per_actor']} thread(s)"
             runs["c"].load_avg.append(os.getloadavg()[0])
     finally:
         for child in children.values():
@@ -225,8 +225,8 @@ def report(results: list[dict], settings: Settings, rounds: int, niceness: int) 
         ]  # fmt: skip
         print_table(
             f"Embedding {res['name']}: {res['products']} products, {res['texts']} texts, {res['images']} "
-            f"images; (a), (b): {os.cpu_count()} threads; (c): {res['actors']} actor(s) × "
-            f"{settings.encoder_threads} thread(s); median [min-max] of {rounds} rounds",
+            f"images; (a), (b): {os.cpu_count()} threads; (c): {res['actors']}; "
+            f"median [min-max] of {rounds} rounds",
             ["approach", "text items/s", "image items/s", "products/s", "model load s", "load avg 1 min"],
             rows,
         )

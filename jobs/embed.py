@@ -57,8 +57,9 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         return {**summary, "run_id": None, "seconds": round(time.monotonic() - t0, 2), "items_per_s": 0.0}
 
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    total_cpus = ray.cluster_resources().get("CPU", 1)
     pool, actor_cpus = plan_encoder_pool(
-        ray.cluster_resources().get("CPU", 1),
+        total_cpus,
         ray.available_resources().get("CPU", 0),
         settings.embed_actor_cpus,
         settings.embed_reserve_cpus,
@@ -67,7 +68,6 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     # only start (and load the encoders) to sit idle.
     pool = min(pool, max(1, len(todo) // settings.embed_batch_size))
     alive_nodes = sum(node["Alive"] for node in ray.nodes())
-    total_cpus = ray.cluster_resources().get("CPU", 1)
     threads = encoder_threads(total_cpus, alive_nodes, pool, settings.encoder_threads)
     worker_settings = settings.model_copy(update={"encoder_threads": threads})
     blocks = max(pool, math.ceil(len(todo) / (settings.embed_batch_size * 8)))
