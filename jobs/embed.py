@@ -70,7 +70,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     alive_nodes = sum(node["Alive"] for node in ray.nodes())
     threads = encoder_threads(total_cpus, alive_nodes, pool, settings.encoder_threads)
     worker_settings = settings.model_copy(update={"encoder_threads": threads})
-    blocks = max(pool, math.ceil(len(todo) / (settings.embed_batch_size * 8)))
+    blocks = max(pool, math.ceil(len(todo) / (settings.embed_batch_size * settings.embed_block_batches)))
     size = math.ceil(len(todo) / blocks)
     # Blocks made here rather than by `repartition`, whose task would need a whole free CPU.
     chunks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]
