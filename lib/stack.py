@@ -126,6 +126,23 @@ def _mlflow_service(settings: Settings) -> Service:
     )
 
 
+# Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED set, without its direct ingress: that gives each ingress
+# replica its own port (30000+), so there would be no fixed serve_port. Measured by bench_serve's
+# set-up (text, concurrency 32, batched): 14 ms of CPU per request instead of 33 ms.
+SERVE_LEAN_RUNTIME_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # replica code on the replica's own event loop
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # handle routing without a cross-thread hop
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",  # proxy → replica and handle calls over gRPC
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # access log written in blocks
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # replica logs go to their files only, not also to stderr
+}
+
+
+def serve_runtime_env(settings: Settings) -> dict[str, str]:
+    """Environment of the Ray head for Serve's processes (controller, proxy, replicas)."""
+    return dict(SERVE_LEAN_RUNTIME_ENV) if settings.serve_lean_runtime else {}
+
+
 def _ray_service(settings: Settings) -> Service:
     command = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
@@ -140,7 +157,7 @@ def _ray_service(settings: Settings) -> Service:
         command.append(f"--num-cpus={settings.ray_num_cpus}")
     return Service(
         "ray", command, f"{settings.ray_dashboard_url}/api/version", settings.ray_dashboard_url,
-        settings.ray_dashboard_port,
+        settings.ray_dashboard_port, serve_runtime_env(settings),
         # Ray keeps no state worth a graceful stop; some of its processes linger ~20 s after SIGTERM.
         stop_timeout_s=5,
     )  # fmt: skip
