@@ -329,7 +329,8 @@ def main() -> None:
             ray.shutdown()
     print_table(
         f"Serving on {os.cpu_count()} CPUs (max_batch_size {settings.serve_max_batch_size}, "
-        f"wait {settings.serve_batch_wait_timeout_s * 1000:.0f} ms)",
+        f"wait {settings.serve_batch_wait_timeout_s * 1000:.0f} ms, "
+        f"lean Serve runtime {'on' if settings.serve_lean_runtime else 'off'})",
         ["design", "payload", "concurrency", "requests", "req/s", "p50 ms", "p99 ms", "errors"],
         rows,
     )
