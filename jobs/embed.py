@@ -17,12 +17,13 @@ from lib.embed import (
     PRODUCT_COLUMNS,
     RUN_MANIFEST,
     EncoderWorker,
-    ImageFetcher,
     embedding_inputs,
     encoder_threads,
+    image_locations,
     plan_encoder_pool,
     read_embeddings,
     run_prefix,
+    with_image_locations,
 )
 from lib.encoders import encoder_ids, encoder_set_id
 from lib.settings import Settings, get_settings
@@ -39,12 +40,15 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     t0 = time.monotonic()
     text_id, image_id = encoder_ids(settings)
     set_id = encoder_set_id(text_id, image_id)
-    products = lake.current_products(client, settings, PRODUCT_COLUMNS)
+    manifests = lake.committed_manifests(client, settings)
+    products = lake.current_products(client, settings, PRODUCT_COLUMNS, manifests)
     if batch_id is not None:
         products = products[products["batch_id"] == batch_id]
     inputs = embedding_inputs(products, settings, set_id)
     done = set(read_embeddings(client, settings, set_id, ["embed_hash"])["embed_hash"])
     todo = inputs[~inputs["embed_hash"].isin(done)].reset_index(drop=True)
+    if not todo.empty:
+        todo = with_image_locations(todo, image_locations(client, settings, manifests))
     summary = {
         "encoder_set_id": set_id,
         "text_encoder": text_id.key,
@@ -76,15 +80,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     chunks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]
     encoded = (
         ray.data.from_pandas(chunks)
-        # One light I/O actor keeps the encoders fed: S3 latency overlaps with encoding.
-        .map_batches(
-            ImageFetcher,
-            fn_constructor_args=(settings,),
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=settings.data_task_cpus,
-            batch_size=settings.embed_batch_size,
-            batch_format="pandas",
-        )
+        # The encoders fetch their own images (ranged reads of the batch's ZIP; see ImageFetcher).
         .map_batches(
             EncoderWorker,
             fn_constructor_args=(worker_settings,),

@@ -211,6 +211,11 @@ def open_zip(settings: Settings, bucket: str, key: str) -> zipfile.ZipFile:
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # ZIP local file header, 30 bytes
 _LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
+# A member's location in its ZIP (``member_locations``); offset -1: no member.
+LOCATION_COLUMNS = ["offset", "compress_size", "file_size", "compress_type", "crc"]
+# The same, as kept in the products table for each product's image: the embedding job reads images
+# straight from the archived ZIP with a few ranged reads instead of one GET per image.
+IMAGE_ZIP_COLUMNS = [f"image_zip_{c}" for c in LOCATION_COLUMNS]
 
 
 def member_locations(zf: zipfile.ZipFile, members: list[str | None]) -> pd.DataFrame:
@@ -222,7 +227,7 @@ def member_locations(zf: zipfile.ZipFile, members: list[str | None]) -> pd.DataF
             (info.header_offset, info.compress_size, info.file_size, info.compress_type, info.CRC)
             if info else (-1, 0, 0, 0, 0)
         )  # fmt: skip
-    return pd.DataFrame(rows, columns=["offset", "compress_size", "file_size", "compress_type", "crc"])
+    return pd.DataFrame(rows, columns=LOCATION_COLUMNS)
 
 
 def read_members(handle, locations: pd.DataFrame) -> list[bytes | None]:
@@ -353,6 +358,10 @@ def ingest_zip(
     )
     stage("images_stored")
     products = products.merge(images, on="productid", how="left", validate="one_to_one")
+    located = tasks[["productid", *LOCATION_COLUMNS]].set_axis(["productid", *IMAGE_ZIP_COLUMNS], axis=1)
+    products = products.merge(located, on="productid", how="left", validate="one_to_one")
+    # Only a valid image has a location worth reading.
+    products.loc[~products["has_image"], "image_zip_offset"] = -1
     image_flags = products[~products["has_image"]]
     flagged = pd.DataFrame(
         {
@@ -389,6 +398,7 @@ def ingest_zip(
         "zip_sha256": sha,
         "zip_bytes": size,
         "source_uri": zip_uri,
+        "archive_uri": archive_uri(settings, bucket, key, batch_id),
         "labelled": y is not None,
         "rows_read": len(x),
         "accepted": len(products),
@@ -409,6 +419,13 @@ def ingest_zip(
     stage("committed")
     archive_zip(client, settings, bucket, key, batch_id)
     return {**manifest, "duplicate": False}
+
+
+def archive_uri(settings: Settings, bucket: str, key: str, batch_id: str) -> str:
+    """Where the batch's ZIP lives once ingested: the lake's archive for a dropped ZIP, else where it is."""
+    if bucket == settings.bucket_incoming:
+        return f"s3://{settings.bucket_lake}/{lake.archive_key(batch_id)}"
+    return f"s3://{bucket}/{key}"
 
 
 def archive_zip(client, settings: Settings, bucket: str, key: str, batch_id: str) -> None:

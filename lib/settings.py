@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     embed_reserve_cpus: float = Field(
         0.5, description="CPUs left free beside the encoder actors for Ray Data's other tasks (no deadlock)."
     )
+    embed_zip_max_gap_bytes: int = Field(
+        1 << 20,
+        description="Images further apart than this in their ZIP are fetched by separate ranged reads "
+        "(bytes in a gap are read and dropped).",
+    )
     data_task_cpus: float = Field(0.25, description="CPUs of one Ray Data I/O task (ingest images, writes).")
 
     # --- orchestration -----------------------------------------------------------------------------

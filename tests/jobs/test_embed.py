@@ -101,3 +101,37 @@ def test_encoder_pool_leaves_a_cpu_for_the_other_tasks():
     assert encoder_pool_size(1, 1.0, 0.5) == 1
     assert encoder_pool_size(2, 0.75, 0.5) == 2
     assert encoder_pool_size(8, 0.75, 0.5) == 8  # never more actors than cores
+
+
+def test_images_are_read_from_the_archived_zip_and_fall_back_to_their_objects(s3, stack, lake_reset):
+    from lib.embed import (
+        PRODUCT_COLUMNS,
+        ImageFetcher,
+        embedding_inputs,
+        image_locations,
+        with_image_locations,
+    )
+    from lib.storage import delete_prefix, get_bytes, split_uri
+
+    catalogue = upload_sample(s3, stack, "z1.zip", products=30)
+    manifests = lake.committed_manifests(s3, stack)
+    archive = f"s3://{stack.bucket_lake}/{lake.archive_key(manifests[0]['batch_id'])}"
+    assert manifests[0]["archive_uri"] == archive
+    products = lake.current_products(s3, stack, PRODUCT_COLUMNS, manifests)
+    inputs = embedding_inputs(products, stack, "set")
+    inputs = with_image_locations(inputs, image_locations(s3, stack, manifests))
+    assert len(inputs) == len(catalogue) and inputs["image_zip"].notna().all()
+    assert inputs["image_zip_offset"].is_monotonic_increasing  # adjacent members: one ranged read per batch
+    stored = [get_bytes(s3, stack.bucket_lake, key) for key in inputs["image_key"]]
+
+    fetcher = ImageFetcher(stack)
+    # From the ZIP alone: the per-image objects are not touched (their keys point nowhere here).
+    assert fetcher.fetch(inputs.assign(image_key="images/none.jpg")) == stored
+    # A member whose CRC does not check out comes from its object instead.
+    corrupt = inputs.assign(image_zip_crc=inputs["image_zip_crc"].where(inputs.index != 2, 12345))
+    assert fetcher.fetch(corrupt) == stored
+    # The archive is gone: every image comes from its object.
+    delete_prefix(s3, *split_uri(manifests[0]["archive_uri"]))
+    assert ImageFetcher(stack).fetch(inputs) == stored
+    # A product without an image gets None, whatever its location says.
+    assert ImageFetcher(stack).fetch(inputs.assign(has_image=False)) == [None] * len(inputs)
