@@ -10,8 +10,9 @@ Three ways to embed the same products (2,000 generated ones with 256 px JPEGs, a
     (no ONNX), batch 64, one thread per core, images in memory; on the first ``--reference-items`` texts
     and images only (PyTorch Lite0 runs at a few tens of images/s: the rate is steady after a few batches).
 (c) job: ``jobs.embed.run(settings)`` after ``jobs.ingest.run``, timed around the whole call: product
-    table and hashes, Ray Data, actor start-up and model loading, images fetched from S3, Parquet
-    written to S3 and the commit. The embedding cache is emptied before every run.
+    table and hashes, Ray Data, actor start-up and model loading, images read from the batch's archived
+    ZIP in S3 (ranged reads), Parquet written to S3 and the commit. The embedding cache is emptied
+    before every run.
 
 (a) and (b) time texts and images separately (text items/s, image items/s). The job encodes both
 modalities of each product in one pass, so it is compared per product with the combined rate of (a)
