@@ -65,7 +65,7 @@ def build_text_encoder(settings: Settings) -> TextEncoder:
     spec = settings.text_encoder.strip()
     threads, tag = settings.encoder_threads, text_preprocessing(settings)
     if spec == "use-m3":
-        return UseM3TextEncoder(threads, preprocessing=tag)
+        return UseM3TextEncoder(threads, preprocessing=tag, cache_dir=settings.model_cache_dir)
     if spec == "e5-small":
         return E5SmallTextEncoder(threads, preprocessing=tag)
     if spec.startswith(ST_PREFIX) and spec[len(ST_PREFIX) :].strip():

@@ -6,13 +6,20 @@ encoder carries an :class:`EncoderId`; the pair of ids names the embedding set s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+# Derived encoder files (exports, caches) are read by every worker, whatever user it runs as.
+CACHE_FILE_MODE = 0o644
 # Hex characters of the set id: 48 bits is plenty for a handful of encoder pairs and stays readable in paths.
 SET_ID_HEX_CHARS = 12
 
@@ -48,6 +55,24 @@ def package_version(distribution: str) -> str:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[str]:
+    """A temporary name next to ``path`` to write to; it becomes ``path`` only if the block succeeds.
+
+    Concurrent workers may each build the same cache file, but a reader only ever opens a complete one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp_name
+        os.chmod(tmp_name, CACHE_FILE_MODE)  # mkstemp creates 0600
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ were trained, and returns L2-normalised pooled features. Heavy libraries are imp
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lib.encoders.base import EncoderId, EncoderUnavailable, l2_normalise, package_version
+from lib.encoders.base import EncoderId, EncoderUnavailable, atomic_file, l2_normalise, package_version
 from lib.images import decode_rgb
 
 LITE0_ARCH = "efficientnet-lite0"
@@ -33,7 +32,6 @@ LITE0_RESAMPLE = Image.Resampling.BICUBIC
 ONNX_OPSET = 17
 ONNX_INPUT = "pixels"
 ONNX_OUTPUT = "features"
-ONNX_FILE_MODE = 0o644
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -167,33 +165,22 @@ def export_lite0_onnx(path: Path, threads: int = 1) -> Path:
     import torch
 
     torch.set_num_threads(threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = lite0_feature_module()
     dummy = torch.zeros(1, 3, LITE0_INPUT_SIZE, LITE0_INPUT_SIZE)
-    # A unique temp name in the same directory + os.replace: concurrent workers may each export, but a
-    # reader only ever opens a complete file.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation
-            # dynamo=False: the new exporter needs onnxscript, which is not a dependency.
-            torch.onnx.export(
-                module,
-                (dummy,),
-                tmp_name,
-                dynamo=False,
-                input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "n"}, ONNX_OUTPUT: {0: "n"}},
-                opset_version=ONNX_OPSET,
-                do_constant_folding=True,
-            )
-        os.chmod(tmp_name, ONNX_FILE_MODE)  # mkstemp creates 0600; other workers' users must read it
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_file(path) as tmp_name, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation
+        # dynamo=False: the new exporter needs onnxscript, which is not a dependency.
+        torch.onnx.export(
+            module,
+            (dummy,),
+            tmp_name,
+            dynamo=False,
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "n"}, ONNX_OUTPUT: {0: "n"}},
+            opset_version=ONNX_OPSET,
+            do_constant_folding=True,
+        )
     return path
 
 

