@@ -27,7 +27,7 @@ from lib.embed import (
 )
 from lib.encoders import encoder_ids, encoder_set_id
 from lib.settings import Settings, get_settings
-from lib.storage import arrow_fs, put_json, s3_client
+from lib.storage import put_json, s3_client
 
 
 def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
@@ -68,8 +68,8 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         settings.embed_actor_cpus,
         settings.embed_reserve_cpus,
     )
-    # Ray Data merges blocks smaller than a batch into one input: more actors than full batches would
-    # only start (and load the encoders) to sit idle.
+    # An actor per full encoder batch at most: for a handful of products a second actor would spend more
+    # on its start and model loading than it takes off the first one.
     pool = min(pool, max(1, len(todo) // settings.embed_batch_size))
     alive_nodes = sum(node["Alive"] for node in ray.nodes())
     threads = encoder_threads(total_cpus, alive_nodes, pool, settings.encoder_threads)
@@ -78,27 +78,28 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
     size = math.ceil(len(todo) / blocks)
     # Blocks made here rather than by `repartition`, whose task would need a whole free CPU.
     chunks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]
-    encoded = (
+    prefix = run_prefix(set_id, run_id)
+    t_encode = time.monotonic()
+    written = (
         ray.data.from_pandas(chunks)
-        # The encoders fetch their own images (ranged reads of the batch's ZIP; see ImageFetcher).
+        # Each actor fetches its block's images (ranged reads of the batch's ZIP; see ImageFetcher) and
+        # writes the block as one Parquet file under the run's prefix, so no stage moves embeddings.
         .map_batches(
             EncoderWorker,
-            fn_constructor_args=(worker_settings,),
+            fn_constructor_args=(worker_settings, prefix),
             # A fixed pool, sized above from the CPUs free now: with room to shrink, Ray Data's autoscaler
             # cuts it to its own per-operator CPU budget (1 of 2 actors on 2 cores: half the speed).
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_cpus=actor_cpus,
-            batch_size=settings.embed_batch_size,
+            batch_size=None,  # one call per block, one file per block
             batch_format="pandas",
         )
-    )
-    t_encode = time.monotonic()
-    encoded.write_parquet(
-        f"{settings.bucket_lake}/{run_prefix(set_id, run_id)}",
-        filesystem=arrow_fs(settings),
-        ray_remote_args={"num_cpus": settings.data_task_cpus},
+        .take_all()
     )
     seconds = time.monotonic() - t_encode
+    rows = sum(block["rows"] for block in written)
+    if rows != len(todo):  # nothing is committed unless every product was written
+        raise RuntimeError(f"the encoders wrote {rows} rows for {len(todo)} products in run {run_id}")
     manifest = {
         **summary,
         "run_id": run_id,
@@ -107,12 +108,13 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> dict:
         "actors": pool,
         "threads_per_actor": threads,
         "batch_size": settings.embed_batch_size,
+        "files": len(written),
         "seconds": round(seconds, 2),
         "items_per_s": round(len(todo) / seconds, 1),
         "committed_at": datetime.now(UTC).isoformat(),
     }
     # The commit: readers only see runs that have their manifest.
-    put_json(client, settings.bucket_lake, f"{run_prefix(set_id, run_id)}{RUN_MANIFEST}", manifest)
+    put_json(client, settings.bucket_lake, f"{prefix}{RUN_MANIFEST}", manifest)
     return manifest
 
 

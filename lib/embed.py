@@ -19,11 +19,13 @@ import pyarrow.parquet as pq
 from lib import lake
 from lib.ingest import IMAGE_ZIP_COLUMNS, LOCATION_COLUMNS, read_members
 from lib.settings import Settings
-from lib.storage import arrow_fs, get_json, list_prefixes, read_object, split_uri
+from lib.storage import arrow_fs, get_json, list_prefixes, put_table, read_object, s3_client, split_uri
 from lib.text import product_text
 
 EMBEDDINGS = "embeddings/"
 RUN_MANIFEST = "_manifest.json"
+# Hex characters of a block file's name: unique among the blocks of a run.
+BLOCK_NAME_HEX_CHARS = 16
 # Columns the encoder worker needs from the product table.
 PRODUCT_COLUMNS = [
     "productid", "batch_id", "prdtypecode", "designation_clean", "description_clean", "image_key",
@@ -149,7 +151,7 @@ def to_matrix(column: pd.Series, dim: int) -> np.ndarray:
 
 
 def encoder_pool_size(cluster_cpus: float, actor_cpus: float, reserve_cpus: float) -> int:
-    """How many encoder actors fit beside ``reserve_cpus`` for the fetch/write tasks, at most one per core.
+    """How many encoder actors fit beside ``reserve_cpus`` for other Ray tasks, at most one per core.
 
     Leaving no CPU to the other Ray Data tasks deadlocks the pipeline on small machines. One actor per
     core with one thread each beats fewer actors with more threads (bench_embed: 2 × 1 thread encodes
@@ -246,24 +248,45 @@ class ImageFetcher:
         return out
 
 
-class EncoderWorker:
-    """Encodes a batch of embedding inputs (a Ray Data actor; also usable in-process).
+def block_file_name(embed_hashes: list[str]) -> str:
+    """A block's Parquet file name, derived from its rows: a retried block overwrites its own file."""
+    digest = hashlib.sha256("\n".join(embed_hashes).encode()).hexdigest()[:BLOCK_NAME_HEX_CHARS]
+    return f"part-{digest}.parquet"
 
-    Missing modalities get a zero vector and a false flag, so every row has both columns. Each row records
-    the Ray node that encoded it (``node_id``), which shows how the work spread over the cluster. The
-    worker fetches its own images: with ranged ZIP reads a batch's fetch is about 1 % of its encoding,
-    too little to pay for a separate fetch actor (a process start and the CPU it takes on 2 cores).
+
+class EncoderWorker:
+    """Encodes blocks of embedding inputs and writes each block as one Parquet file (a Ray Data actor).
+
+    A block is encoded in batches of ``settings.embed_batch_size``. Missing modalities get a zero vector
+    and a false flag, so every row has both columns. Each row records the Ray node that encoded it
+    (``node_id``), which shows how the work spread over the cluster. The worker fetches its own images
+    (with ranged ZIP reads a batch's fetch is about 1 % of its encoding) and writes its own output: a
+    separate fetch or write stage would cost a process start and CPU that 2 cores do not have spare.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, output_prefix: str) -> None:
         from lib.encoders import build_image_encoder, build_text_encoder
 
         self.text_encoder = build_text_encoder(settings)
         self.image_encoder = build_image_encoder(settings)
         self.fetcher = ImageFetcher(settings)
         self.node_id = _ray_node_id()
+        self.batch_size = settings.embed_batch_size
+        self.bucket, self.output_prefix = settings.bucket_lake, output_prefix
+        self._client = s3_client(settings)
 
-    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+    def __call__(self, block: pd.DataFrame) -> dict[str, list]:
+        """Encode and write one block; returns its file and row count (what the driver checks)."""
+        block = block.reset_index(drop=True)
+        table = pa.concat_tables(
+            [self.encode(block.iloc[i : i + self.batch_size]) for i in range(0, len(block), self.batch_size)]
+        )
+        key = f"{self.output_prefix}{block_file_name(block['embed_hash'].tolist())}"
+        put_table(self._client, self.bucket, key, table)
+        return {"file": [key], "rows": [table.num_rows]}
+
+    def encode(self, batch: pd.DataFrame) -> pa.Table:
+        """Embedding rows of one encoder batch."""
         n = len(batch)
         has_text = batch["has_text"].to_numpy(bool)
         has_image = batch["has_image"].to_numpy(bool)

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         description="Images further apart than this in their ZIP are fetched by separate ranged reads "
         "(bytes in a gap are read and dropped).",
     )
-    data_task_cpus: float = Field(0.25, description="CPUs of one Ray Data I/O task (ingest images, writes).")
+    data_task_cpus: float = Field(0.25, description="CPUs of one Ray Data I/O task (ingest image chunks).")
 
     # --- orchestration -----------------------------------------------------------------------------
     watch_interval_s: float = Field(5.0, description="How often the watcher lists incoming/.")

@@ -11,10 +11,10 @@ import pandas as pd
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
 from lib import lake
-from lib.embed import encoder_pool_size, read_embeddings, to_matrix
+from lib.embed import encoder_pool_size, read_embeddings, run_prefix, to_matrix
 from lib.rakuten import image_member_name
 from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import put_bytes
+from lib.storage import list_keys, put_bytes
 
 
 def upload_sample(s3, settings, name: str, products: int = 40, drop_image_of: int | None = None,
@@ -61,6 +61,10 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     assert np.all(image[missing] == 0)
     assert np.allclose(np.linalg.norm(image[~missing], axis=1), 1, atol=1e-4)
     assert set(frame["text_encoder"]) == {first["text_encoder"]}
+    # The encoders wrote one Parquet file per block, beside the manifest that commits them.
+    run_keys = list(list_keys(s3, stack.bucket_lake, run_prefix(first["encoder_set_id"], first["run_id"])))
+    parts = [key for key in run_keys if key.endswith(".parquet")]
+    assert len(parts) == first["files"] >= 1 and len(run_keys) == len(parts) + 1
 
     # Re-running encodes nothing.
     again = embed_job.run(stack)
@@ -135,3 +139,16 @@ def test_images_are_read_from_the_archived_zip_and_fall_back_to_their_objects(s3
     assert ImageFetcher(stack).fetch(inputs) == stored
     # A product without an image gets None, whatever its location says.
     assert ImageFetcher(stack).fetch(inputs.assign(has_image=False)) == [None] * len(inputs)
+
+
+def test_a_retried_block_overwrites_its_own_file(s3, stack, lake_reset):
+    from lib.embed import PRODUCT_COLUMNS, EncoderWorker, embedding_inputs
+
+    upload_sample(s3, stack, "w1.zip", products=40)
+    inputs = embedding_inputs(lake.current_products(s3, stack, PRODUCT_COLUMNS), stack, "set")
+    worker = EncoderWorker(stack.model_copy(update={"embed_batch_size": 16}), "embeddings/set/runs/r/")
+    first, again = worker(inputs), worker(inputs)  # e.g. a task retried after its actor died
+    assert first == again and first["rows"] == [len(inputs)]
+    assert list(list_keys(s3, stack.bucket_lake, "embeddings/set/runs/r/")) == first["file"]
+    other = worker(inputs.iloc[:10])
+    assert other["file"] != first["file"] and other["rows"] == [10]

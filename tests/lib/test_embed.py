@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lib.embed import IMAGE_ZIP, member_runs, with_image_locations
+from lib.embed import IMAGE_ZIP, block_file_name, member_runs, with_image_locations
 from lib.ingest import IMAGE_ZIP_COLUMNS
 
 
@@ -30,3 +30,9 @@ def test_with_image_locations_sorts_by_zip_and_offset_and_marks_what_has_no_loca
     assert out.set_index("productid").loc[[3, 4], IMAGE_ZIP].isna().all()
     assert (out.set_index("productid").loc[[3, 4], "image_zip_offset"] == -1).all()
     assert out["image_zip_offset"].dtype == np.int64
+
+
+def test_block_file_name_depends_on_the_rows_only():
+    name = block_file_name(["h1", "h2"])
+    assert name == block_file_name(["h1", "h2"]) and name.startswith("part-") and name.endswith(".parquet")
+    assert len({name, block_file_name(["h2", "h1"]), block_file_name(["h1"])}) == 3
