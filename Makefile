@@ -21,18 +21,18 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create the venv with every pinned dependency
 
 up: install  ## start S3, MLflow, Ray, the dashboard, Serve and the watcher on 127.0.0.1 (idempotent)
-	$(PY) -m lib.stack up
+	$(PY) -m lib.ops.stack up
 	$(PY) -m serve.deploy
 	$(PY) -m jobs.watch --ensure
 
 down:  ## stop what `make up` started; data stays in .stack/
-	$(PY) -m lib.stack down
+	$(PY) -m lib.ops.stack down
 
 status:  ## each service, its PID, memory and URL
-	$(PY) -m lib.stack status
+	$(PY) -m lib.ops.stack status
 
 logs:  ## last lines of every service log
-	$(PY) -m lib.stack logs
+	$(PY) -m lib.ops.stack logs
 
 demo: up  ## the whole story on a generated sample: pipeline, promotion, a prediction, URLs
 	$(PY) -m jobs.make_sample --out $(SAMPLE) --products $(SAMPLE_PRODUCTS) --seed $(SAMPLE_SEED)

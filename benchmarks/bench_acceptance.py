@@ -22,9 +22,9 @@ from benchmarks.common import bench_parser, bench_stack, print_table, real_data_
 from jobs import submit as submitter
 from jobs import watch as watch_job
 from jobs.demo import file_batch_id, wait_for_pipeline, wait_for_serve
-from lib.rakuten import X_FILE, image_member_name
-from lib.stack import reset_lake_and_registry
-from lib.storage import s3_client
+from lib.data.rakuten import X_FILE, image_member_name
+from lib.data.storage import s3_client
+from lib.ops.stack import reset_lake_and_registry
 from serve import deploy as serve_deploy
 
 REQUESTS = 200

@@ -44,12 +44,11 @@ from benchmarks.common import bench_parser, bench_stack, print_table, real_data_
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
 from jobs.common import connect_ray
-from lib import lake
-from lib.embed import EMBEDDINGS, PRODUCT_COLUMNS, embedding_inputs
-from lib.encoders import encoder_ids, encoder_set_id
-from lib.sample import SampleSpec, write_sample_zip
+from lib.data import layout
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import delete_prefix, get_bytes, s3_client
+from lib.features.catalogue import current_catalogue
 from lib.settings import Settings
-from lib.storage import delete_prefix, get_bytes, s3_client
 
 REFERENCE_BATCH = 64  # what the reference pipeline uses for both encoders
 GENERATED_PRODUCTS = 2_000
@@ -72,7 +71,7 @@ def _child_init(
 ) -> None:
     """Runs once in the child: Ray workers' priority, the encoders, the inputs, a warm-up batch."""
     os.nice(niceness - os.nice(0))
-    from lib.encoders import EfficientNetLite0Torch, build_image_encoder, build_text_encoder
+    from lib.features.encoders import EfficientNetLite0Torch, build_image_encoder, build_text_encoder
 
     settings = settings.model_copy(update={"encoder_threads": os.cpu_count()})  # one process: every core
 
@@ -153,8 +152,7 @@ def ingest(settings: Settings, path: Path) -> pd.DataFrame:
         delete_prefix(client, bucket, "")
     client.upload_file(str(path), settings.bucket_incoming, path.name)
     ingest_job.run(f"s3://{settings.bucket_incoming}/{path.name}", settings)
-    set_id = encoder_set_id(*encoder_ids(settings))
-    return embedding_inputs(lake.current_products(client, settings, PRODUCT_COLUMNS), settings, set_id)
+    return current_catalogue(client, settings).inputs
 
 
 def bench_dataset(settings: Settings, path: Path, rounds: int, niceness: int, reference_items: int) -> dict:
@@ -187,14 +185,14 @@ def bench_dataset(settings: Settings, path: Path, rounds: int, niceness: int, re
                 runs[key].products.append(combined_rate(n, len(texts), len(images), r["text"], r["image"]))
                 runs[key].load_avg.append(r["load_avg"])
                 runs[key].load_s = r["load_s"]
-            delete_prefix(client, settings.bucket_lake, EMBEDDINGS)  # encode everything again
+            delete_prefix(client, settings.bucket_lake, layout.EMBEDDINGS)  # encode everything again
             t0 = time.perf_counter()
             manifest = embed_job.run(settings)
             seconds = time.perf_counter() - t0
-            if manifest["encoded"] != n:
-                raise RuntimeError(f"the job encoded {manifest['encoded']} of {n} products")
+            if manifest.encoded != n:
+                raise RuntimeError(f"the job encoded {manifest.encoded} of {n} products")
             runs["c"].products.append(n / seconds)
-            actors = f"{manifest['actors']} actor(s) × {manifest['threads_per_actor']} thread(s)"
+            actors = f"{manifest.actors} actor(s) × {manifest.threads_per_actor} thread(s)"
             runs["c"].load_avg.append(os.getloadavg()[0])
     finally:
         for child in children.values():

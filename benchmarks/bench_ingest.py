@@ -12,8 +12,8 @@ from pathlib import Path
 
 from benchmarks.common import PeakRss, bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import ingest as ingest_job
-from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import s3_client
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import s3_client
 
 
 def run_one(settings, path: Path, name: str) -> list[object]:
@@ -21,11 +21,11 @@ def run_one(settings, path: Path, name: str) -> list[object]:
     client.upload_file(str(path), settings.bucket_incoming, f"{name}.zip")
     with PeakRss() as rss:
         t0 = time.perf_counter()
-        manifest = ingest_job.run(f"s3://{settings.bucket_incoming}/{name}.zip", settings)
+        manifest = ingest_job.run(f"s3://{settings.bucket_incoming}/{name}.zip", settings).manifest
         seconds = time.perf_counter() - t0
     return [
-        name, path.stat().st_size / 2**20, manifest["rows_read"], manifest["accepted"], manifest["rejected"],
-        manifest["with_image"], seconds, manifest["rows_read"] / seconds, rss.driver_mb, rss.worker_mb,
+        name, path.stat().st_size / 2**20, manifest.rows_read, manifest.accepted, manifest.rejected,
+        manifest.with_image, seconds, manifest.rows_read / seconds, rss.driver_mb, rss.worker_mb,
     ]  # fmt: skip
 
 

@@ -25,14 +25,17 @@ import numpy as np
 
 from benchmarks.bench_train import load_catalogue
 from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
-from jobs import train as train_job
-from lib import metrics
-from lib.metrics import ABLATION_ROWS
-from lib.sample import SampleSpec, write_sample_zip
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import s3_client
+from lib.model import metrics
+from lib.model.dataset import load_dataset
+from lib.model.evaluate import ablation_variants, fit_and_test
+from lib.model.metrics import ABLATION_ROWS
+from lib.model.network import load_trained, predict_logits
+from lib.model.split import TEST
+from lib.model.train import TrainConfig
+from lib.model.tune import tune_head
 from lib.settings import Settings
-from lib.split import TEST
-from lib.storage import s3_client
-from lib.train import TrainConfig, load_trained, predict_logits
 
 TARGET_F1 = 0.72
 TARGET_GAIN = 0.04
@@ -42,22 +45,23 @@ LATENCY_CALLS = 200
 def evaluate_seed(settings: Settings, seed: int, trials: int) -> tuple[dict[str, dict], dict]:
     """Tune on this split seed and score every ablation head on its test split."""
     settings = settings.model_copy(update={"split_seed": seed})
-    data, _ = train_job.load_dataset(settings, s3_client(settings))
+    data, _ = load_dataset(s3_client(settings), settings)
     mlflow.set_tracking_uri(settings.mlflow_uri)
     experiment = mlflow.set_experiment(f"{settings.mlflow_experiment}-bench-quality")
     with mlflow.start_run(run_name=f"quality-seed{seed}") as parent:
-        best = train_job.tune_head(
+        best = tune_head(
             settings, data, parent.info.run_id, experiment.experiment_id, trials, settings.tune_max_epochs
         )
     base = TrainConfig(max_epochs=settings.tune_max_epochs, patience=settings.early_stop_patience, seed=0)
     text, image, y_test = data.part(TEST)
     paired = (np.abs(text).sum(1) > 0) & (np.abs(image).sum(1) > 0)
     rows = {}
-    for name, (modality, config) in train_job.ablation_variants(best["config"], lexical=True).items():
-        model_config, _, result, report, predicted = train_job.fit_and_test(data, config, base, modality)
-        report["f1_macro_paired"] = metrics.summary(y_test[paired], predicted[paired])["f1_macro"]
-        rows[name] = report | {"model": (model_config, result.state_dict)}
-    return rows, {"data": data, "best": best["config"]}
+    for name, (modality, config) in ablation_variants(best.config, lexical=True).items():
+        head = fit_and_test(data, config, base, modality)
+        paired_f1 = metrics.summary(y_test[paired], head.predicted[paired])["f1_macro"]
+        rows[name] = head.report | {"f1_macro_paired": paired_f1,
+                                    "model": (head.model_config, head.result.state_dict)}  # fmt: skip
+    return rows, {"data": data, "best": best.config}
 
 
 def single_request_latency(data, heads: dict) -> dict[str, tuple[float, float]]:

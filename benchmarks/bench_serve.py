@@ -54,9 +54,9 @@ def build_production_model(settings: Settings) -> pd.DataFrame:
     from jobs import embed as embed_job
     from jobs import ingest as ingest_job
     from jobs import train as train_job
-    from lib.sample import SampleSpec, write_sample_zip
-    from lib.stack import reset_lake_and_registry
-    from lib.storage import put_bytes, s3_client
+    from lib.data.sample import SampleSpec, write_sample_zip
+    from lib.data.storage import put_bytes, s3_client
+    from lib.ops.stack import reset_lake_and_registry
 
     reset_lake_and_registry(settings)
     client = s3_client(settings)
@@ -67,7 +67,7 @@ def build_production_model(settings: Settings) -> pd.DataFrame:
     ingest_job.run(f"s3://{settings.bucket_incoming}/bench-serve.zip", settings)
     embed_job.run(settings)
     trained = train_job.run(settings, trials=TRAIN_TRIALS, max_epochs=TRAIN_EPOCHS)
-    print(f"production model: version {trained['version']}, test F1-macro {trained['test']['f1_macro']:.3f}")
+    print(f"production model: version {trained.version}, test F1-macro {trained.test['f1_macro']:.3f}")
     with zipfile.ZipFile(buf) as archive:
         images = {name.rsplit("/", 1)[-1]: archive.read(name) for name in archive.namelist()}
     catalogue = catalogue.head(PAYLOAD_PRODUCTS).copy()
@@ -207,8 +207,8 @@ def reference_app(settings: Settings):
     from fastapi.responses import JSONResponse
     from mlflow import MlflowClient
 
-    from lib import registry
-    from lib.encoders import build_image_encoder, build_text_encoder
+    from lib.features.encoders import build_image_encoder, build_text_encoder
+    from lib.model import registry
     from serve import logic
 
     torch.set_num_threads(1)
@@ -233,7 +233,7 @@ def reference_app(settings: Settings):
             image = encoded
         t = logic.stack_inputs([text], config["text_dim"])
         i = logic.stack_inputs([image], config["image_dim"])
-        probs = logic.probabilities(loaded.logits(t, i, [item.text]), loaded.card.get("temperature", 1.0))
+        probs = loaded.probabilities(t, i, [item.text])
         name = settings.registered_model_name
         return 200, logic.prediction(probs[0], loaded.card, settings.abstain_threshold, name, loaded.version)
 

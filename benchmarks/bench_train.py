@@ -19,18 +19,22 @@ import mlflow
 from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
-from jobs import train as train_job
-from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import delete_prefix, s3_client
-from lib.train import TrainConfig
+from lib.data import layout
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import delete_prefix, s3_client
+from lib.features.embed import EmbedRun
+from lib.model.dataset import load_dataset
+from lib.model.evaluate import evaluate_ablation, fit_and_test
+from lib.model.train import TrainConfig
+from lib.model.tune import tune_head
 
 TRIALS = 20
 
 
-def load_catalogue(settings, zip_path: Path) -> dict:
+def load_catalogue(settings, zip_path: Path) -> EmbedRun:
     """Reset the lake, ingest and embed one ZIP; returns the embed manifest."""
     client = s3_client(settings)
-    for prefix in ("batches/", "images/", "embeddings/", "archive/", "pipeline/"):
+    for prefix in (layout.BATCHES, layout.IMAGES, layout.EMBEDDINGS, layout.ARCHIVE, layout.PIPELINE):
         delete_prefix(client, settings.bucket_lake, prefix)
     client.upload_file(str(zip_path), settings.bucket_incoming, zip_path.name)
     ingest_job.run(f"s3://{settings.bucket_incoming}/{zip_path.name}", settings)
@@ -39,7 +43,7 @@ def load_catalogue(settings, zip_path: Path) -> dict:
 
 def compare(settings, name: str) -> tuple[list[list[object]], dict]:
     """ASHA vs FIFO on the catalogue in the lake; returns table rows and the ablation of ASHA's best."""
-    data, lineage = train_job.load_dataset(settings, s3_client(settings))
+    data, lineage = load_dataset(s3_client(settings), settings)
     mlflow.set_tracking_uri(settings.mlflow_uri)
     experiment = mlflow.set_experiment(f"{settings.mlflow_experiment}-bench")
     base = TrainConfig(
@@ -49,7 +53,7 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
     for scheduler in ("asha", "fifo"):
         with mlflow.start_run(run_name=f"bench-{name}-{scheduler}") as parent:
             t0 = time.perf_counter()
-            best = train_job.tune_head(
+            best = tune_head(
                 settings,
                 data,
                 parent.info.run_id,
@@ -60,23 +64,23 @@ def compare(settings, name: str) -> tuple[list[list[object]], dict]:
                 replay=asha_configs,  # FIFO trains exactly the configurations ASHA tried
             )
             seconds = time.perf_counter() - t0
-        asha_configs = asha_configs or best["configs"]
-        _, _, _, test, _ = train_job.fit_and_test(data, best["config"], base)
+        asha_configs = asha_configs or best.configs
+        test = fit_and_test(data, best.config, base).report
         rows.append(
             [
                 name,
                 scheduler,
                 lineage["products"],
                 TRIALS,
-                best["stopped_early"],
+                best.stopped_early,
                 seconds,
-                best["val_f1_macro"],
+                best.val_f1_macro,
                 test["f1_macro"],
                 test["f1_weighted"],
             ]
         )
         if scheduler == "asha":
-            ablation = train_job.evaluate_ablation(data, best["config"], base, test)
+            ablation = evaluate_ablation(data, best.config, base, test)
     return rows, ablation
 
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             catalogues.append((f"generated-{args.generated}", generated))
         for name, path in catalogues:
             embedded = load_catalogue(settings, path)
-            print(f"{name}: {embedded['products']} products embedded ({embedded['items_per_s']} items/s)")
+            print(f"{name}: {embedded.products} products embedded ({embedded.items_per_s} items/s)")
             rows, ablations[name] = compare(settings, name)
             results.extend(rows)
     print_table(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psutil
 
-from lib import stack as stack_mod
-from lib.rakuten import X_FILE, Y_FILE
+from lib.data.rakuten import X_FILE, Y_FILE
+from lib.ops import stack as stack_mod
 from lib.settings import PROJECT_ROOT, Settings
 
 # Benchmarks run on their own ports and state so they never disturb `make up` or the tests. Ports stay

@@ -12,7 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import dcc, html, no_update
 
-from lib.rakuten import class_name
+from lib.data.rakuten import class_name
 
 log = logging.getLogger(__name__)
 IMAGE_ROUTE = "/lake-image/"

@@ -9,8 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from lib.metrics import ABLATION_ROWS
-from lib.rakuten import class_name
+from lib.data.rakuten import class_name
+from lib.model.metrics import ABLATION_ROWS
 
 TEMPLATE = "plotly_white"
 PRIMARY = "#4f46e5"
@@ -189,7 +189,7 @@ def per_class_f1_figure(per_class: pd.DataFrame | None) -> go.Figure:
 
 
 def ablation_figure(ablation: Mapping[str, Mapping[str, float]] | None) -> go.Figure:
-    """Test scores of the ablation heads (lib.metrics.ABLATION_ROWS; same hyperparameters)."""
+    """Test scores of the ablation heads (lib.model.metrics.ABLATION_ROWS; same hyperparameters)."""
     if not ablation:
         return message_figure("No ablation for this run.")
     order = [m for m in ABLATION_ROWS if m in ablation]

@@ -6,14 +6,13 @@ import os
 from collections.abc import Callable
 
 import pandas as pd
+import ray
 
-from lib.settings import Settings
+from lib.settings import Settings, get_settings
 
 
 def connect_ray(settings: Settings) -> None:
     """Join the running cluster: the job's own (under ``ray job submit``) or the configured head."""
-    import ray
-
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or settings.ray_address
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
@@ -27,10 +26,6 @@ def ray_data_mapper(
     Fractional CPUs per task: the work is mostly S3 round-trips, and Serve or a Tune run may hold CPUs.
     Partitions are cut here (a `repartition` task would need a whole free CPU).
     """
-    import ray
-
-    from lib.settings import get_settings
-
     chunks = [frame.iloc[i : i + partition_size] for i in range(0, len(frame), partition_size)] or [frame]
     dataset = ray.data.from_pandas(chunks)
     cpus = get_settings().data_task_cpus

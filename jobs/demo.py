@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
-from lib.pipeline import STAGES, SUCCEEDED, record_key
-from lib.rakuten import X_FILE, image_member_name
+from lib.data.layout import pipeline_record_key
+from lib.data.rakuten import X_FILE, image_member_name
+from lib.data.storage import exists, get_json, s3_client
+from lib.ops.pipeline import STAGES, SUCCEEDED
 from lib.settings import Settings, get_settings
-from lib.storage import exists, get_json, s3_client
 
 
 def file_batch_id(path: Path) -> str:
@@ -35,7 +36,7 @@ def file_batch_id(path: Path) -> str:
 
 def wait_for_pipeline(settings: Settings, batch_id: str, timeout_s: float) -> dict:
     """Follow the pipeline record of the batch until its last stage ends; print stage changes."""
-    client, key = s3_client(settings), record_key(batch_id)
+    client, key = s3_client(settings), pipeline_record_key(batch_id)
     deadline, seen = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
         record = (

@@ -10,26 +10,32 @@ import json
 import sys
 
 from jobs.common import connect_ray, ray_data_mapper
-from lib.ingest import IngestError, ingest_zip
+from lib.data.ingest import IngestError, IngestResult, ingest_zip
+from lib.data.storage import s3_client
 from lib.settings import Settings, get_settings
-from lib.storage import s3_client
 
 
-def run(zip_uri: str, settings: Settings | None = None) -> dict:
-    """The ingest stage: a ZIP URI in, the batch manifest out (Ray Data stores the images)."""
+def run(
+    zip_uri: str, settings: Settings | None = None, digest: tuple[str, int] | None = None
+) -> IngestResult:
+    """The ingest stage: a ZIP URI in, the batch manifest out (Ray Data stores the images).
+
+    ``digest``: the ZIP's (SHA-256, size) if the caller hashed it already.
+    """
     settings = settings or get_settings()
     connect_ray(settings)
-    return ingest_zip(settings, s3_client(settings), zip_uri, mapper=ray_data_mapper)
+    return ingest_zip(settings, s3_client(settings), zip_uri, mapper=ray_data_mapper, digest=digest)
 
 
-def summary(manifest: dict) -> str:
-    if manifest["duplicate"]:
-        return f"batch {manifest['batch_id']} already ingested ({manifest['source_uri']}): nothing changed"
-    m = manifest
+def describe(result: IngestResult) -> str:
+    """One line for people."""
+    m = result.manifest
+    if result.duplicate:
+        return f"batch {m.batch_id} already ingested ({result.source_uri}): nothing changed"
     return (
-        f"batch {m['batch_id']} committed: {m['rows_read']} rows read, {m['accepted']} accepted "
-        f"({m['new']} new, {m['updated']} updated, {m['unchanged']} unchanged), {m['rejected']} rejected "
-        f"{m['rejected_by_reason']}, {m['with_image']} with image, {m['duration_s']:.1f} s"
+        f"batch {m.batch_id} committed: {m.rows_read} rows read, {m.accepted} accepted "
+        f"({m.new} new, {m.updated} updated, {m.unchanged} unchanged), {m.rejected} rejected "
+        f"{m.rejected_by_reason}, {m.with_image} with image, {m.duration_s:.1f} s"
     )
 
 
@@ -39,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = parser.parse_args(argv)
     try:
-        manifest = run(args.zip_uri)
+        result = run(args.zip_uri)
     except IngestError as err:
         print(f"ingest failed: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(manifest, indent=2) if args.json else summary(manifest))
+    print(json.dumps(result.manifest.to_dict(), indent=2) if args.json else describe(result))
     return 0
 
 

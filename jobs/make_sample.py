@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from lib.sample import SampleSpec, imbalance_ratio, write_sample_zip
+from lib.data.sample import SampleSpec, imbalance_ratio, write_sample_zip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

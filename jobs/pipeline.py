@@ -9,86 +9,100 @@ import argparse
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 from jobs import embed, ingest, train
 from jobs.common import connect_ray
-from lib import pipeline as bookkeeping
-from lib.ingest import IngestError, zip_sha256
+from lib.data.ingest import IngestError, IngestResult
+from lib.data.storage import exists, s3_client, split_uri
+from lib.data.zip_reader import zip_sha256
+from lib.ops import pipeline as bookkeeping
 from lib.settings import Settings, get_settings
-from lib.storage import exists, s3_client, split_uri
 
 
 def run(
-    zip_uri: str, settings: Settings | None = None, trials: int | None = None, max_epochs: int | None = None
+    zip_uri: str,
+    settings: Settings | None = None,
+    trials: int | None = None,
+    max_epochs: int | None = None,
+    known: tuple[str, str, int] | None = None,
 ) -> dict:
-    """Run the stages that have not succeeded yet for this ZIP; returns the pipeline record."""
+    """Run the stages that have not succeeded yet for this ZIP, in order; returns the pipeline record.
+
+    ``known``: (ETag, SHA-256, size) of the ZIP as the watcher hashed it; trusted while the object's ETag
+    is unchanged, so the ZIP is hashed once per pipeline.
+    """
     settings = settings or get_settings()
     connect_ray(settings)
     client = s3_client(settings)
     bucket, key = split_uri(zip_uri)
+    digest = None
     if exists(client, bucket, key):
-        batch_id = zip_sha256(client, bucket, key)[0][:16]
-        record = bookkeeping.load_record(client, settings, batch_id, zip_uri)
+        digest = zip_digest(client, bucket, key, known)
+        record = bookkeeping.load_record(client, settings, digest[0][:16], zip_uri)
     else:
         record = bookkeeping.find_by_source(client, settings, zip_uri)
         if record is None:
             raise IngestError(f"{zip_uri} does not exist and no pipeline ran from it")
-    stages = {
-        "ingest": lambda: _ingest_summary(
-            ingest.run(zip_uri, settings) if exists(client, bucket, key) else None
-        ),
-        "embed": lambda: embed.run(settings),
-        "train": lambda: _train_summary(train.run(settings, trials=trials, max_epochs=max_epochs)),
-    }
-    for stage in bookkeeping.pending_stages(record):
-        t0 = time.monotonic()
-        print(f"== {stage}", flush=True)
-        bookkeeping.mark(client, settings, record, stage, bookkeeping.RUNNING)
-        try:
-            details = stages[stage]()
-        except Exception as err:
-            bookkeeping.mark(
-                client,
-                settings,
-                record,
-                stage,
-                bookkeeping.FAILED,
-                error=repr(err),
-                traceback=traceback.format_exc()[-4000:],
-            )
-            raise
-        bookkeeping.mark(
-            client,
-            settings,
-            record,
-            stage,
-            bookkeeping.SUCCEEDED,
-            seconds=round(time.monotonic() - t0, 1),
-            result=details,
+    pending = bookkeeping.pending_stages(record)
+    if "ingest" in pending:
+
+        def ingest_stage() -> dict:
+            # No ZIP any more: an earlier, interrupted run archived it after committing the batch.
+            return ingest_summary(ingest.run(zip_uri, settings, digest) if digest else None)
+
+        run_stage(client, settings, record, "ingest", ingest_stage)
+    if "embed" in pending:
+        run_stage(client, settings, record, "embed", lambda: embed.run(settings).to_dict())
+    if "train" in pending:
+        run_stage(
+            client, settings, record, "train", lambda: train.run(settings, trials, max_epochs).summary()
         )
-        print(f"   {stage}: {details}", flush=True)
     return record
 
 
-def _ingest_summary(manifest: dict | None) -> dict:
-    if manifest is None:  # the ZIP was archived by an earlier, interrupted run: the batch is committed
+def zip_digest(client, bucket: str, key: str, known: tuple[str, str, int] | None) -> tuple[str, int]:
+    """(SHA-256, size) of the ZIP: the known one if its ETag still matches, else hashed now."""
+    if known is not None and object_etag(client, bucket, key) == known[0]:
+        return known[1], known[2]
+    return zip_sha256(client, bucket, key)
+
+
+def object_etag(client, bucket: str, key: str) -> str:
+    """The object's ETag without its quotes (it travels on a command line)."""
+    return client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+
+
+def run_stage(client, settings: Settings, record: dict, stage: str, work: Callable[[], dict]) -> None:
+    """Run one stage, recording running → succeeded (with its summary) or failed (with the error)."""
+    t0 = time.monotonic()
+    print(f"== {stage}", flush=True)
+    bookkeeping.mark(client, settings, record, stage, bookkeeping.RUNNING)
+    try:
+        details = work()
+    except Exception as err:
+        error = {"error": repr(err), "traceback": traceback.format_exc()[-4000:]}
+        bookkeeping.mark(client, settings, record, stage, bookkeeping.FAILED, **error)
+        raise
+    seconds = round(time.monotonic() - t0, 1)
+    bookkeeping.mark(client, settings, record, stage, bookkeeping.SUCCEEDED, seconds=seconds, result=details)
+    print(f"   {stage}: {details}", flush=True)
+
+
+def ingest_summary(result: IngestResult | None) -> dict:
+    """What the pipeline record keeps of an ingest."""
+    if result is None:
         return {"note": "already ingested"}
-    keys = ("batch_id", "duplicate", "rows_read", "accepted", "rejected", "new", "updated", "unchanged")
-    return {k: manifest[k] for k in keys if k in manifest}
+    m = result.manifest
+    return {"batch_id": m.batch_id, "duplicate": result.duplicate, "rows_read": m.rows_read,
+            "accepted": m.accepted, "rejected": m.rejected, "new": m.new, "updated": m.updated,
+            "unchanged": m.unchanged}  # fmt: skip
 
 
-def _train_summary(out: dict) -> dict:
-    if out["skipped"]:
-        return {"skipped": True, "reason": out["reason"]}
-    return {
-        "version": out["version"],
-        "run_id": out["run_id"],
-        "test": out["test"],
-        "ablation": out["ablation"],
-        "promoted": out["decision"]["promoted"],
-        "reason": out["decision"]["reason"],
-        "tune_seconds": round(out["tune_seconds"], 1),
-    }
+def parse_known(text: str) -> tuple[str, str, int]:
+    """``ETAG:SHA256:SIZE`` (the watcher's ``--known``)."""
+    etag, sha, size = text.rsplit(":", 2)
+    return etag, sha, int(size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,16 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("zip_uri")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--known", type=parse_known, default=None, help="ETAG:SHA256:SIZE of the ZIP")
     args = parser.parse_args(argv)
     try:
-        record = run(args.zip_uri, trials=args.trials, max_epochs=args.max_epochs)
+        record = run(args.zip_uri, trials=args.trials, max_epochs=args.max_epochs, known=args.known)
     except IngestError as err:
         print(f"pipeline failed: {err}", file=sys.stderr)
         return 2
-    print(
-        f"pipeline for batch {record['batch_id']}: "
-        + ", ".join(f"{s} {v['status']}" for s, v in record["stages"].items())
-    )
+    stages = ", ".join(f"{s} {v['status']}" for s, v in record["stages"].items())
+    print(f"pipeline for batch {record['batch_id']}: {stages}")
     return 0
 
 

@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import argparse
 
-from lib import registry
+from mlflow import MlflowClient
+
+from lib.model import registry
 from lib.settings import Settings, get_settings
 
 
 def rollback(settings: Settings | None = None) -> tuple[str, str]:
     """Swap the ``production`` and ``previous`` aliases; returns (production, previous) after the swap."""
-    from mlflow import MlflowClient
-
     settings = settings or get_settings()
     client = MlflowClient(settings.mlflow_uri)
     return registry.rollback(client, settings.registered_model_name)
 
 
 def aliases(settings: Settings | None = None) -> dict[str, str]:
-    from mlflow import MlflowClient
-
     settings = settings or get_settings()
     return dict(
         MlflowClient(settings.mlflow_uri).get_registered_model(settings.registered_model_name).aliases

@@ -12,8 +12,9 @@ import argparse
 import time
 
 import yaml
+from ray.job_submission import JobSubmissionClient
 
-from lib.provenance import git_sha
+from lib.ops.provenance import git_sha
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
 FINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -27,9 +28,7 @@ def runtime_env(settings: Settings) -> dict:
     return env
 
 
-def job_client(settings: Settings):
-    from ray.job_submission import JobSubmissionClient
-
+def job_client(settings: Settings) -> JobSubmissionClient:
     return JobSubmissionClient(settings.ray_dashboard_url)
 
 

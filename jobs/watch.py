@@ -8,13 +8,15 @@ unless it already runs; used by ``make up``)
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 
 from jobs import submit as submitter
-from lib import pipeline
-from lib.ingest import archive_zip, zip_sha256
+from lib.data.ingest import archive_zip
+from lib.data.storage import s3_client
+from lib.data.zip_reader import zip_sha256
+from lib.ops import pipeline
 from lib.settings import Settings, get_settings
-from lib.storage import s3_client
 
 WATCHER_ENTRYPOINT = "python -m jobs.watch"
 
@@ -26,7 +28,8 @@ class Watcher:
         self.settings = settings
         self.s3 = s3_client(settings)
         self.jobs = submitter.job_client(settings)
-        self._batch_ids: dict[tuple[str, str], str] = {}
+        self._digests: dict[tuple[str, str], tuple[str, int]] = {}  # (key, ETag) → (SHA-256, size)
+        self._known: dict[str, tuple[str, str, int]] = {}  # key → (ETag, SHA-256, size) as listed last
         self._given_up: set[str] = set()
         self.last_monitor = time.monotonic()
 
@@ -37,12 +40,11 @@ class Watcher:
         for obj in sorted(listing, key=lambda o: (o["LastModified"], o["Key"])):
             if not obj["Key"].lower().endswith(".zip"):
                 continue
-            cache_key = (obj["Key"], obj["ETag"])
-            if cache_key not in self._batch_ids:
-                self._batch_ids[cache_key] = zip_sha256(self.s3, self.settings.bucket_incoming, obj["Key"])[
-                    0
-                ][:16]
-            out.append((obj["Key"], self._batch_ids[cache_key]))
+            cache_key = (obj["Key"], obj["ETag"].strip('"'))
+            if cache_key not in self._digests:
+                self._digests[cache_key] = zip_sha256(self.s3, self.settings.bucket_incoming, obj["Key"])
+            self._known[obj["Key"]] = (cache_key[1], *self._digests[cache_key])
+            out.append((obj["Key"], self._digests[cache_key][0][:16]))
         return out
 
     def scan(self) -> list[tuple[str, str, str]]:
@@ -52,7 +54,10 @@ class Watcher:
         for action, key, submission_id in actions:
             uri = f"s3://{self.settings.bucket_incoming}/{key}"
             if action == pipeline.SUBMIT:
-                submitter.submit(f"python -m jobs.pipeline {uri}", self.settings, submission_id)
+                etag, sha, size = self._known[key]  # the pipeline need not hash the ZIP again
+                known = shlex.quote(f"{etag}:{sha}:{size}")
+                entrypoint = f"python -m jobs.pipeline {shlex.quote(uri)} --known {known}"
+                submitter.submit(entrypoint, self.settings, submission_id)
                 print(f"submitted {submission_id} for {uri}", flush=True)
             elif action == pipeline.ARCHIVE_DUPLICATE:
                 batch_id = submission_id.removeprefix("pipeline-").split("-retry")[0]

@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     serve_lean_runtime: bool = Field(
         True,
         description="Run Ray Serve with its throughput flags, direct ingress excepted (see "
-        "lib.stack.serve_runtime_env): half the CPU per request on this machine.",
+        "lib.ops.stack.serve_runtime_env): half the CPU per request on this machine.",
     )
     serve_model_poll_s: float = Field(5.0, description="How often replicas check the production alias.")
     serve_max_body_bytes: int = Field(16_000_000, description="Larger request bodies get 413.")

@@ -77,10 +77,11 @@ def _encoder_settings(settings: Settings) -> Settings:
 
 @serve.deployment
 class TextEncoder(_Batched):
-    """``lib.encoders.build_text_encoder`` behind a batched method: a group of texts → (n, dim) float32."""
+    """``build_text_encoder`` behind a batched method: a group of texts → (n, dim) float32."""
 
     def __init__(self, settings: Settings) -> None:
-        from lib.encoders import build_text_encoder
+        # lazy: each replica loads only its own deployment's libraries (the ingress never loads a model)
+        from lib.features.encoders import build_text_encoder
 
         self.encoder = build_text_encoder(_encoder_settings(settings))
         self._start_executor()
@@ -99,10 +100,11 @@ class TextEncoder(_Batched):
 
 @serve.deployment
 class ImageEncoder(_Batched):
-    """``lib.encoders.build_image_encoder`` batched: a group of images → per image a row or an error."""
+    """``build_image_encoder`` batched: a group of images → per image a row or an error."""
 
     def __init__(self, settings: Settings) -> None:
-        from lib.encoders import build_image_encoder
+        # lazy: each replica loads only its own deployment's libraries
+        from lib.features.encoders import build_image_encoder
 
         self.encoder = build_image_encoder(_encoder_settings(settings))
         self._start_executor()
@@ -125,13 +127,14 @@ class FusionModel(_Batched):
     """The production fusion head: hot-swapped on alias moves, batched, logging every prediction."""
 
     def __init__(self, settings: Settings) -> None:
+        # lazy: torch and MLflow only in the model's replicas, not in the ingress or the encoders
         import mlflow
         import torch
         from mlflow import MlflowClient
 
-        from lib.encoders import encoder_ids, encoder_set_id
-        from lib.predlog import PredictionLogWriter
-        from lib.storage import put_table, s3_client
+        from lib.data.storage import put_table, s3_client
+        from lib.features.encoders import encoder_ids, encoder_set_id
+        from lib.ops.predlog import PredictionLogWriter
 
         torch.set_num_threads(1)  # a small MLP; leave the cores to the encoders
         mlflow.set_tracking_uri(settings.mlflow_uri)
@@ -161,7 +164,8 @@ class FusionModel(_Batched):
 
     def check_alias(self) -> None:
         """Load the version behind ``production`` if it moved; keep the current one on any problem."""
-        from lib import registry
+        # lazy: see __init__ (torch + MLflow only in this deployment's replicas)
+        from lib.model import registry
 
         try:
             target = registry.version_by_alias(self.registry, self.name, registry.PRODUCTION)
@@ -227,7 +231,8 @@ class FusionModel(_Batched):
     def _predict(
         self, loaded, texts: list, images: list, metas: list[dict], product_texts: list[str]
     ) -> list[dict]:
-        from lib.predlog import log_row
+        # lazy: see __init__
+        from lib.ops.predlog import log_row
 
         results: list[dict] = [{}] * len(metas)
         ok = [i for i, image in enumerate(images) if not isinstance(image, str)]
@@ -240,7 +245,7 @@ class FusionModel(_Batched):
         text = logic.stack_inputs([texts[i] for i in ok], config["text_dim"])  # (n, text_dim)
         image = logic.stack_inputs([images[i] for i in ok], config["image_dim"])  # (n, image_dim)
         lexical = [product_texts[i] for i in ok]  # read only by a head with a lexical branch
-        probs = logic.probabilities(loaded.logits(text, image, lexical), loaded.card.get("temperature", 1.0))
+        probs = loaded.probabilities(text, image, lexical)
         rows = []
         for row, i in enumerate(ok):
             results[i] = logic.prediction(

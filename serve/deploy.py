@@ -13,15 +13,17 @@ import time
 import urllib.error
 import urllib.request
 
+import ray
+from ray import serve
+
 from lib.settings import Settings, get_settings
+from serve.app import build_app
 from serve.logic import WAITING
 
 HEALTH_POLL_S = 1.0
 
 
 def _connect(settings: Settings) -> None:
-    import ray
-
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or settings.ray_address
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
@@ -62,10 +64,6 @@ def wait_health(settings: Settings, echo=print) -> bool:
 
 def deploy(settings: Settings, echo=print) -> bool:
     """Start Serve (HTTP on settings.host:serve_port) and deploy the app detached; see :func:`wait_health`."""
-    from ray import serve
-
-    from serve.app import build_app
-
     app = build_app(settings)  # refuses a non-loopback host without a token before touching the cluster
     _connect(settings)
     serve.start(http_options={"host": settings.host, "port": settings.serve_port})
@@ -77,8 +75,6 @@ def deploy(settings: Settings, echo=print) -> bool:
 
 def undeploy(settings: Settings, echo=print) -> None:
     """Delete the application; shut Serve down when no other application is left."""
-    from ray import serve
-
     _connect(settings)
     serve.delete(settings.serve_app_name)
     echo(f"application {settings.serve_app_name!r} deleted")

@@ -8,22 +8,22 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import io
 import ipaddress
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
 
-from lib.predlog import TOP_K, input_hash
-from lib.rakuten import class_name
+from lib.data.images import ImageRejected, ImageTooLarge, NotAnImage, check_image
+from lib.data.rakuten import class_name
+from lib.data.text import clean_text, product_text
+from lib.ops.predlog import TOP_K, input_hash
 from lib.settings import Settings
-from lib.text import clean_text, product_text
 
 JSON_TYPES = ("application/json",)
 FORM_TYPES = ("multipart/form-data",)
@@ -106,9 +106,6 @@ def parse_json(body: bytes) -> Any:
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
     """Fields and files of a ``multipart/form-data`` body, as raw bytes by field name (first wins)."""
-    from python_multipart import MultipartParser
-    from python_multipart.exceptions import MultipartParseError
-
     message = Message()
     message["content-type"] = content_type
     boundary = message.get_param("boundary")
@@ -178,23 +175,16 @@ def decode_base64_image(value: Any, max_bytes: int) -> bytes | None:
 def check_image_header(data: bytes, max_bytes: int, max_pixels: int) -> None:
     """Cheap checks from the bytes and the image header only (the full decode runs in the encoder).
 
-    413: too many bytes or pixels; 415: not an image format Pillow knows.
+    413: too many bytes or pixels; 415: not an image format Pillow knows; 422: a broken header.
     """
-    if len(data) > max_bytes:
-        raise InputError(413, f"image of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(413, f"image has too many pixels (limit {max_pixels})") from exc
-    except UnidentifiedImageError as exc:
-        raise InputError(415, "the uploaded file is not an image (JPEG, PNG, WebP, ...)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(422, f"corrupt image: {exc}") from exc
-    if width * height > max_pixels:
-        raise InputError(413, f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
+        check_image(data, max_pixels, max_bytes, decode=False)
+    except ImageTooLarge as err:
+        raise InputError(413, str(err)) from err
+    except NotAnImage as err:
+        raise InputError(415, str(err)) from err
+    except ImageRejected as err:
+        raise InputError(422, str(err)) from err
 
 
 def build_input(
@@ -306,13 +296,6 @@ def align_group(metas: Sequence[dict], texts: Sequence | None, images: Sequence 
 
 
 # --- scoring -----------------------------------------------------------------------------------------
-
-
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax(logits / temperature), numerically stable."""
-    z = np.asarray(logits, np.float64) / float(temperature)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def card_class_name(card: dict, code: int) -> str:

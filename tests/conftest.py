@@ -44,7 +44,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def stack(settings) -> Iterator:
     """The real local stack, started once for the session and stopped at the end."""
-    from lib import stack as stack_mod
+    from lib.ops import stack as stack_mod
 
     # The dashboard is started by its own browser tests.
     stack_mod.up(settings, list(stack_mod.CORE_SERVICES))
@@ -57,7 +57,7 @@ def stack(settings) -> Iterator:
 @pytest.fixture(scope="session")
 def s3(stack):
     """A boto3 client on the test stack's S3 server."""
-    from lib.storage import s3_client
+    from lib.data.storage import s3_client
 
     return s3_client(stack)
 
@@ -77,7 +77,7 @@ def ray_cluster(stack) -> Iterator:
 @pytest.fixture
 def lake_reset(s3, stack):
     """Empty lake and incoming buckets around a test (the buckets themselves stay)."""
-    from lib.storage import delete_prefix
+    from lib.data.storage import delete_prefix
 
     for bucket in (stack.bucket_lake, stack.bucket_incoming):
         delete_prefix(s3, bucket, "")
@@ -96,16 +96,16 @@ def build_production_model(settings, products: int = 300, seed: int = 5) -> dict
     from jobs import embed as embed_job
     from jobs import ingest as ingest_job
     from jobs import train as train_job
-    from lib.sample import SampleSpec, write_sample_zip
-    from lib.stack import reset_lake_and_registry
-    from lib.storage import put_bytes, s3_client
+    from lib.data.sample import SampleSpec, write_sample_zip
+    from lib.data.storage import put_bytes, s3_client
+    from lib.ops.stack import reset_lake_and_registry
 
     reset_lake_and_registry(settings)
     client = s3_client(settings)
     buf = io.BytesIO()
     catalogue = write_sample_zip(SampleSpec(products=products, seed=seed, image_size=96), buf)
     put_bytes(client, settings.bucket_incoming, "model-sample.zip", buf.getvalue())
-    manifest = ingest_job.run(f"s3://{settings.bucket_incoming}/model-sample.zip", settings)
+    manifest = ingest_job.run(f"s3://{settings.bucket_incoming}/model-sample.zip", settings).manifest
     embedded = embed_job.run(settings)
     # One trial = the default configuration, whose lexical branch is on: serving and monitoring tests
     # run the TF-IDF path end to end.

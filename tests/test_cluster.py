@@ -30,8 +30,8 @@ import psutil
 import pytest
 import yaml
 
+from lib.ops.stack import _stop_group, port_in_use
 from lib.settings import PROJECT_ROOT
-from lib.stack import _stop_group, port_in_use
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from dash import Dash, Input, Output, dcc, html
 from dash_app import components as ui
 from dash_app import figures
 from dash_app.data import Catalogue, DataSource, Unavailable
-from lib.rakuten import class_name
+from lib.data.rakuten import class_name
 from lib.settings import Settings
 
 PATH = "/catalogue"

@@ -11,7 +11,8 @@ from dash import Dash, Input, Output, dcc, html
 from dash_app import components as ui
 from dash_app import figures
 from dash_app.data import DataSource, Unavailable
-from lib.rakuten import class_name
+from lib.data.layout import MONITORING, REPORT_JSON_FILE
+from lib.data.rakuten import class_name
 from lib.settings import Settings
 
 PATH = "/monitoring"
@@ -137,8 +138,8 @@ def render_drift(report: dict | None) -> Any:
     """The latest drift report: overall verdict and one row per signal."""
     if not report:
         return ui.notice(
-            "No drift report yet. The monitor writes one to the lake (monitoring/<time>/report.json) "
-            "on its schedule once predictions are logged.",
+            "No drift report yet. The monitor writes one to the lake "
+            f"({MONITORING}<time>/{REPORT_JSON_FILE}) on its schedule once predictions are logged.",
             kind="muted",
         )
     drifted = bool(report.get("drifted"))

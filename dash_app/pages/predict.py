@@ -10,8 +10,8 @@ from dash import Dash, Input, Output, State, dcc, html
 from dash_app import components as ui
 from dash_app import figures
 from dash_app.data import DataSource, Unavailable, decode_upload
-from lib.images import image_problem
-from lib.rakuten import class_name
+from lib.data.images import image_problem
+from lib.data.rakuten import class_name
 from lib.settings import Settings
 
 PATH = "/"

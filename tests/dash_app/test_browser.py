@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lib.rakuten import PRDTYPECODES
+from lib.data.rakuten import PRDTYPECODES
 from lib.settings import PROJECT_ROOT
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -166,7 +166,7 @@ def visit(driver, base_url: str, page: str, shot: str) -> str:
 
 # --- an empty system and a stopped one ------------------------------------------------------------
 def test_every_page_explains_an_empty_system(stack, s3, browser, tmp_path):
-    from lib.storage import delete_prefix, ensure_buckets
+    from lib.data.storage import delete_prefix, ensure_buckets
 
     empty_bucket = "dash-empty-lake"
     ensure_buckets(s3, [empty_bucket])
@@ -255,8 +255,8 @@ def live_dashboard(stack, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def sample_product(production_model, stack, tmp_path_factory) -> dict:
     """A catalogue product with its image saved to a local file (for the upload field)."""
-    from lib import lake
-    from lib.storage import get_bytes, s3_client
+    from lib.data import lake
+    from lib.data.storage import get_bytes, s3_client
 
     client = s3_client(stack)
     products = lake.current_products(client, stack, ["designation_clean", "image_key", "has_image"])
@@ -314,8 +314,8 @@ def test_monitoring_shows_the_prediction_just_made(prediction, live_dashboard, b
 
 def test_catalogue_and_training_pages_show_the_model(production_model, live_dashboard, browser):
     catalogue = visit(browser, live_dashboard, "catalogue", "catalogue")
-    assert f"{production_model['manifest']['accepted']:,}" in catalogue
+    assert f"{production_model['manifest'].accepted:,}" in catalogue
     assert browser.find_elements("css selector", "#catalogue-grid .tile img")
     training = visit(browser, live_dashboard, "training", "training")
-    assert f"v{production_model['train']['version']}" in training
+    assert f"v{production_model['train'].version}" in training
     assert browser.find_elements("css selector", "#training-run-details img.confusion")

@@ -10,11 +10,11 @@ import pandas as pd
 
 from jobs import embed as embed_job
 from jobs import ingest as ingest_job
-from lib import lake
-from lib.embed import encoder_pool_size, read_embeddings, run_prefix, to_matrix
-from lib.rakuten import image_member_name
-from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import list_keys, put_bytes
+from lib.data import lake, layout
+from lib.data.rakuten import image_member_name
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import list_keys, put_bytes
+from lib.features.embed import encoder_pool_size, read_embeddings, to_matrix
 
 
 def upload_sample(s3, settings, name: str, products: int = 40, drop_image_of: int | None = None,
@@ -49,9 +49,9 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
         s3, stack, "e2.zip", drop_image_of=no_image, rename={}
     )  # same products, 1 image gone
     first = embed_job.run(stack)
-    assert first["encoded"] == len(catalogue) and first["cached"] == 0
+    assert first.encoded == len(catalogue) and first.cached == 0
 
-    frame = read_embeddings(s3, stack, first["encoder_set_id"])
+    frame = read_embeddings(s3, stack, first.encoder_set_id)
     assert sorted(frame["productid"]) == sorted(catalogue["productid"])
     text, image = to_matrix(frame["text_emb"], 512), to_matrix(frame["image_emb"], 1280)
     assert text.shape == (len(catalogue), 512) and image.shape == (len(catalogue), 1280)
@@ -60,23 +60,25 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     assert not frame.loc[missing, "has_image"].item()
     assert np.all(image[missing] == 0)
     assert np.allclose(np.linalg.norm(image[~missing], axis=1), 1, atol=1e-4)
-    assert set(frame["text_encoder"]) == {first["text_encoder"]}
+    assert set(frame["text_encoder"]) == {first.text_encoder}
     # The encoders wrote one Parquet file per block, beside the manifest that commits them.
-    run_keys = list(list_keys(s3, stack.bucket_lake, run_prefix(first["encoder_set_id"], first["run_id"])))
+    run_keys = list(
+        list_keys(s3, stack.bucket_lake, layout.embedding_run_prefix(first.encoder_set_id, first.run_id))
+    )
     parts = [key for key in run_keys if key.endswith(".parquet")]
-    assert len(parts) == first["files"] >= 1 and len(run_keys) == len(parts) + 1
+    assert len(parts) == first.files >= 1 and len(run_keys) == len(parts) + 1
 
     # Re-running encodes nothing.
     again = embed_job.run(stack)
-    assert again["encoded"] == 0 and again["cached"] == len(catalogue) and again["run_id"] is None
+    assert again.encoded == 0 and again.cached == len(catalogue) and again.run_id is None
 
     # Changing one product re-encodes only that one.
     changed = int(catalogue["productid"].iloc[10])
     upload_sample(s3, stack, "e3.zip", drop_image_of=no_image, rename={changed: "Titre entièrement nouveau"})
     third = embed_job.run(stack)
-    assert third["encoded"] == 1
-    assert third["actors"] == 1  # one product is less than a batch: no second actor to start for nothing
-    assert third["threads_per_actor"] == 2  # ...and the lone actor uses both cores
+    assert third.encoded == 1
+    assert third.actors == 1  # one product is less than a batch: no second actor to start for nothing
+    assert third.threads_per_actor == 2  # ...and the lone actor uses both cores
     current = lake.current_products(s3, stack)
     assert (
         current.loc[current["productid"] == changed, "designation_clean"].item()
@@ -85,7 +87,7 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
 
 
 def test_encoder_pool_fits_what_is_free_now():
-    from lib.embed import encoder_threads, plan_encoder_pool
+    from lib.features.embed import encoder_threads, plan_encoder_pool
 
     assert plan_encoder_pool(2, 2, 1.0, 0.5) == (1, 1.0)
     # Threads per actor cover the node's cores: 1 actor on 2 cores → 2 threads, 2 → 1, 4 on 2 nodes → 1.
@@ -108,18 +110,18 @@ def test_encoder_pool_leaves_a_cpu_for_the_other_tasks():
 
 
 def test_images_are_read_from_the_archived_zip_and_fall_back_to_their_objects(s3, stack, lake_reset):
-    from lib.embed import (
+    from lib.data.storage import delete_prefix, get_bytes, split_uri
+    from lib.features.embed import (
         PRODUCT_COLUMNS,
         ImageFetcher,
         embedding_inputs,
         image_locations,
         with_image_locations,
     )
-    from lib.storage import delete_prefix, get_bytes, split_uri
 
     catalogue = upload_sample(s3, stack, "z1.zip", products=30)
     manifests = lake.committed_manifests(s3, stack)
-    archive = f"s3://{stack.bucket_lake}/{lake.archive_key(manifests[0]['batch_id'])}"
+    archive = f"s3://{stack.bucket_lake}/{layout.archive_key(manifests[0]['batch_id'])}"
     assert manifests[0]["archive_uri"] == archive
     products = lake.current_products(s3, stack, PRODUCT_COLUMNS, manifests)
     inputs = embedding_inputs(products, stack, "set")
@@ -142,13 +144,14 @@ def test_images_are_read_from_the_archived_zip_and_fall_back_to_their_objects(s3
 
 
 def test_a_retried_block_overwrites_its_own_file(s3, stack, lake_reset):
-    from lib.embed import PRODUCT_COLUMNS, EncoderWorker, embedding_inputs
+    from lib.features.embed import PRODUCT_COLUMNS, EncoderWorker, embedding_inputs
 
     upload_sample(s3, stack, "w1.zip", products=40)
     inputs = embedding_inputs(lake.current_products(s3, stack, PRODUCT_COLUMNS), stack, "set")
-    worker = EncoderWorker(stack.model_copy(update={"embed_batch_size": 16}), "embeddings/set/runs/r/")
+    prefix = layout.embedding_run_prefix("set", "r")
+    worker = EncoderWorker(stack.model_copy(update={"embed_batch_size": 16}), prefix)
     first, again = worker(inputs), worker(inputs)  # e.g. a task retried after its actor died
     assert first == again and first["rows"] == [len(inputs)]
-    assert list(list_keys(s3, stack.bucket_lake, "embeddings/set/runs/r/")) == first["file"]
+    assert list(list_keys(s3, stack.bucket_lake, prefix)) == first["file"]
     other = worker(inputs.iloc[:10])
     assert other["file"] != first["file"] and other["rows"] == [10]

@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from jobs import ingest as ingest_job
-from lib import lake
-from lib.images import IMAGE_MISSING, IMAGE_TOO_LARGE, IMAGE_UNREADABLE
-from lib.ingest import IngestError, ingest_zip
-from lib.rakuten import image_member_name
-from lib.sample import SampleSpec, write_sample_zip
-from lib.storage import exists, list_keys, put_bytes
+from lib.data import lake, layout
+from lib.data.images import IMAGE_MISSING, IMAGE_TOO_LARGE, IMAGE_UNREADABLE
+from lib.data.ingest import IngestError, ingest_zip
+from lib.data.rakuten import image_member_name
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import exists, list_keys, put_bytes
 
 
 def upload(s3, settings, data: bytes, name: str) -> str:
@@ -65,19 +65,20 @@ def all_keys(s3, settings) -> set[str]:
 
 def test_sample_ingests_with_the_right_counts(ray_cluster, s3, stack, lake_reset):
     data, catalogue = sample_bytes(300)
-    manifest = ingest_job.run(upload(s3, stack, data, "first.zip"), stack)
-    assert not manifest["duplicate"]
-    assert manifest["rows_read"] == manifest["accepted"] == manifest["new"] == len(catalogue) == 300
-    assert manifest["with_image"] == 300 and manifest["rejected"] == 0
-    assert len(manifest["class_counts"]) == 27
+    result = ingest_job.run(upload(s3, stack, data, "first.zip"), stack)
+    manifest = result.manifest
+    assert not result.duplicate
+    assert manifest.rows_read == manifest.accepted == manifest.new == len(catalogue) == 300
+    assert manifest.with_image == 300 and manifest.rejected == 0
+    assert len(manifest.class_counts) == 27
     products = lake.current_products(s3, stack)
     assert sorted(products["productid"]) == sorted(catalogue["productid"])
     merged = products.merge(catalogue, on="productid", suffixes=("", "_src"))
     assert (merged["prdtypecode"] == merged["prdtypecode_src"]).all()
     assert not merged["designation_clean"].str.contains("<|&eacute;", regex=True).any()
     # Images are stored once each, by content; the ZIP moved to the archive.
-    assert len(list(list_keys(s3, stack.bucket_lake, "images/"))) == products["image_key"].nunique()
-    assert exists(s3, stack.bucket_lake, lake.archive_key(manifest["batch_id"]))
+    assert len(list(list_keys(s3, stack.bucket_lake, layout.IMAGES))) == products["image_key"].nunique()
+    assert exists(s3, stack.bucket_lake, layout.archive_key(manifest.batch_id))
     assert not list(list_keys(s3, stack.bucket_incoming))
 
 
@@ -86,31 +87,32 @@ def test_same_zip_again_under_another_name_changes_nothing(ray_cluster, s3, stac
     first = ingest_job.run(upload(s3, stack, data, "a.zip"), stack)
     before = all_keys(s3, stack)
     again = ingest_job.run(upload(s3, stack, data, "renamed.zip"), stack)
-    assert again["duplicate"] and again["batch_id"] == first["batch_id"]
-    assert "nothing changed" in ingest_job.summary(again)
+    assert again.duplicate and again.manifest.batch_id == first.manifest.batch_id
+    assert "nothing changed" in ingest_job.describe(again)
     assert all_keys(s3, stack) == before  # the renamed copy was archived onto the same key
 
 
 def test_second_batch_updates_only_overlapping_products(ray_cluster, s3, stack, lake_reset):
     rows = [(f"Produit {i}", "", 100 + i, 1000 + i) for i in range(6)]
     images = {image_member_name(1000 + i, 100 + i): jpeg((i * 40, 0, 0)) for i in range(6)}
-    first = ingest_zip(stack, s3, upload(s3, stack, custom_zip(rows, [10] * 6, images), "b1.zip"))
+    first = ingest_zip(stack, s3, upload(s3, stack, custom_zip(rows, [10] * 6, images), "b1.zip")).manifest
     # Batch 2: products 104, 105 again (105 changed), and two new ones.
     rows2 = [("Produit 4", "", 104, 1004), ("Produit 5 modifié", "", 105, 1005),
              ("Produit 6", "", 106, 1006), ("Produit 7", "", 107, 1007)]  # fmt: skip
     images2 = {image_member_name(r[3], r[2]): jpeg((r[2] % 7 * 30, 0, 0)) for r in rows2}
     images2[image_member_name(1004, 104)] = images[image_member_name(1004, 104)]
-    second = ingest_zip(stack, s3, upload(s3, stack, custom_zip(rows2, [10, 40, 50, 60], images2), "b2.zip"))
-    assert (second["new"], second["updated"], second["unchanged"]) == (2, 1, 1)
+    uri = upload(s3, stack, custom_zip(rows2, [10, 40, 50, 60], images2), "b2.zip")
+    second = ingest_zip(stack, s3, uri).manifest
+    assert (second.new, second.updated, second.unchanged) == (2, 1, 1)
     current = lake.current_products(s3, stack).set_index("productid")
     assert len(current) == 8
     assert (
         current.loc[105, "designation_clean"] == "Produit 5 modifié" and current.loc[105, "prdtypecode"] == 40
     )
-    assert current.loc[101, "batch_id"] == first["batch_id"]
-    assert current.loc[105, "batch_id"] == second["batch_id"]
+    assert current.loc[101, "batch_id"] == first.batch_id
+    assert current.loc[105, "batch_id"] == second.batch_id
     # The older version stays queryable by batch.
-    old = lake.batch_products(s3, stack, first["batch_id"]).set_index("productid")
+    old = lake.batch_products(s3, stack, first.batch_id).set_index("productid")
     assert old.loc[105, "designation_clean"] == "Produit 5"
 
 
@@ -130,8 +132,8 @@ def test_a_crash_before_commit_leaves_no_batch_and_a_rerun_completes_it(
     assert lake.committed_manifests(s3, stack) == []
     assert lake.current_products(s3, stack).empty
     assert exists(s3, stack.bucket_incoming, "crash.zip")  # not archived before the commit
-    manifest = ingest_job.run(uri, stack)
-    assert not manifest["duplicate"] and manifest["accepted"] == 80
+    result = ingest_job.run(uri, stack)
+    assert not result.duplicate and result.manifest.accepted == 80
     products = lake.current_products(s3, stack)
     assert sorted(products["productid"]) == sorted(catalogue["productid"])
     assert products["productid"].is_unique
@@ -163,21 +165,21 @@ def test_row_and_image_problems_are_reported(s3, stack, lake_reset):
     extra = {"../../escape/image_19_product_9.jpg": good, "/abs/image_20_product_10.jpg": good,
              "__MACOSX/._X_train_update.csv": b"junk"}  # fmt: skip
     uri = upload(s3, stack, custom_zip(rows, [10, 10, 999, 10, 10, 10, 10, 10, 40], images, extra), "bad.zip")
-    manifest = ingest_zip(stack, s3, uri)
-    assert manifest["rejected_by_reason"] == {
+    manifest = ingest_zip(stack, s3, uri).manifest
+    assert manifest.rejected_by_reason == {
         "empty_designation": 1,
         "unknown_label": 1,
         "duplicate_productid": 1,
     }
-    assert manifest["kept_without_image_by_reason"] == {
+    assert manifest.kept_without_image_by_reason == {
         IMAGE_MISSING: 1, IMAGE_UNREADABLE: 2, IMAGE_TOO_LARGE: 1,
     }  # fmt: skip
-    assert manifest["unsafe_members"] == 2
+    assert manifest.unsafe_members == 2
     products = lake.current_products(s3, stack).set_index("productid")
     assert sorted(products.index) == [1, 4, 5, 6, 7, 8]
     assert products.loc[1, "has_image"] and not products.loc[[4, 5, 6, 7], "has_image"].any()
     assert products.loc[8, "designation_clean"] == "Doublon récent"
-    rejects = lake.get_rejects(s3, stack, manifest["batch_id"])
+    rejects = lake.get_rejects(s3, stack, manifest.batch_id)
     assert set(rejects["action"]) == {"rejected", "kept_without_image", "ignored_member"}
     # Zip-slip: nothing was written outside the lake's own prefixes, and nothing named after the member.
     keys = all_keys(s3, stack)
@@ -231,8 +233,8 @@ def test_bad_zips_are_clear_errors_and_touch_nothing(s3, stack, lake_reset, data
 
 def test_unlabelled_batch_with_top_folder(ray_cluster, s3, stack, lake_reset):
     data, _catalogue = sample_bytes(40, with_labels=False, top_folder="rakuten_export")
-    manifest = ingest_job.run(upload(s3, stack, data, "unlabelled.zip"), stack)
-    assert manifest["labelled"] is False and manifest["accepted"] == 40 and manifest["with_image"] == 40
+    manifest = ingest_job.run(upload(s3, stack, data, "unlabelled.zip"), stack).manifest
+    assert manifest.labelled is False and manifest.accepted == 40 and manifest.with_image == 40
     assert lake.current_products(s3, stack)["prdtypecode"].isna().all()
 
 

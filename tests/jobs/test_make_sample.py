@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs import make_sample
-from lib.rakuten import X_FILE, Y_FILE
+from lib.data.rakuten import X_FILE, Y_FILE
 
 
 def test_main_writes_the_zip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,19 +9,20 @@ import pytest
 from mlflow import MlflowClient
 
 from jobs import monitor as monitor_job
-from jobs.train import load_dataset
-from lib import registry
-from lib.predlog import log_row, prediction_key, rows_to_table
-from lib.split import TRAIN
-from lib.storage import delete_prefix, get_json, list_keys, put_table, s3_client
-from lib.train import softmax
+from lib.data import layout
+from lib.data.layout import prediction_key
+from lib.data.storage import delete_prefix, get_json, list_keys, put_table, s3_client
+from lib.model import registry
+from lib.model.dataset import load_dataset
+from lib.model.split import TRAIN
+from lib.ops.predlog import log_row, rows_to_table
 
 
 def log_predictions(
     settings, text: np.ndarray, image: np.ndarray, texts: list[str], loaded, codes_override=None
 ) -> None:
     """Write prediction-log rows as Serve would, for the given inputs (embeddings and product texts)."""
-    probs = softmax(loaded.logits(text, image, texts), loaded.card.get("temperature", 1.0))  # as Serve does
+    probs = loaded.probabilities(text, image, texts)  # as Serve does
     codes = np.array(loaded.codes)
     rows = []
     for i in range(len(text)):
@@ -46,13 +47,13 @@ def reference(production_model, stack):
     client = MlflowClient(stack.mlflow_uri)
     version = registry.version_by_alias(client, stack.registered_model_name, registry.PRODUCTION).version
     loaded = registry.load_version(client, stack.registered_model_name, version)
-    data, _ = load_dataset(stack, s3_client(stack))
+    data, _ = load_dataset(s3_client(stack), stack)
     return loaded, data
 
 
 def test_unshifted_predictions_are_not_flagged(reference, stack, s3):
     loaded, data = reference
-    delete_prefix(s3, stack.bucket_lake, "predictions/")
+    delete_prefix(s3, stack.bucket_lake, layout.PREDICTIONS)
     train_rows = np.flatnonzero(data.split == TRAIN)
     pick = np.random.default_rng(0).choice(train_rows, 600)  # the training distribution itself
     texts = list(data.texts[pick])
@@ -74,7 +75,7 @@ def test_unshifted_predictions_are_not_flagged(reference, stack, s3):
 
 def test_three_classes_and_noise_images_are_flagged(reference, stack, s3):
     loaded, data = reference
-    delete_prefix(s3, stack.bucket_lake, "predictions/")
+    delete_prefix(s3, stack.bucket_lake, layout.PREDICTIONS)
     rng = np.random.default_rng(1)
     three = np.array(data.codes)[[0, 1, 2]]
     rows = np.flatnonzero(np.isin(np.array(data.codes)[data.y], three) & (data.split == TRAIN))
@@ -86,7 +87,7 @@ def test_three_classes_and_noise_images_are_flagged(reference, stack, s3):
     status = {s["name"]: s["drifted"] for s in report["signals"]}
     assert report["drifted"] and status["class_mix_psi"] and status["image_embedding_auc"]
     # The report is in S3 (JSON + HTML) and in MLflow.
-    keys = list(list_keys(s3, stack.bucket_lake, "monitoring/"))
+    keys = list(list_keys(s3, stack.bucket_lake, layout.MONITORING))
     assert any(k.endswith("report.html") for k in keys)
     latest = sorted(k for k in keys if k.endswith("report.json"))[-1]
     assert get_json(s3, stack.bucket_lake, latest)["verdict"] == "drift"

@@ -1,7 +1,7 @@
 """Two Ray nodes on one machine (a head and a worker, 2 CPUs each): the embedding job spreads over both.
 
 Each node is a ``ray start --block`` in its own process group, stopped by killing exactly that group
-(``lib.stack._stop_group``); no ``ray stop``, which would stop every Ray on the machine. The nodes share
+(``lib.ops.stack._stop_group``); no ``ray stop``, which would stop every Ray on the machine. The nodes share
 the test stack's S3 and MLflow. The job runs in a subprocess with its own driver: this pytest process may
 already be a driver of the test stack's Ray (``ray_cluster``), and ``connect_ray`` keeps that connection.
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lib.embed import encoder_pool_size, read_embeddings
-from lib.sample import SampleSpec, write_sample_zip
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import put_bytes
+from lib.features.embed import encoder_pool_size, read_embeddings
+from lib.ops.stack import _base_env, _stop_group, is_healthy, port_in_use
 from lib.settings import PROJECT_ROOT
-from lib.stack import _base_env, _stop_group, is_healthy, port_in_use
-from lib.storage import put_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ import json, sys
 import ray
 from jobs import embed, ingest
 from jobs.common import connect_ray
-from lib.encoders import build_image_encoder
+from lib.features.encoders import build_image_encoder
 from lib.settings import get_settings
 
 settings = get_settings()
@@ -57,12 +57,12 @@ context.max_tasks_in_flight_per_actor = 1
 context.execution_options.actor_locality_enabled = False
 build_image_encoder(settings)  # export the ONNX model once here, not in four actors at once
 ingest.run(sys.argv[1], settings)
-print("RESULT " + json.dumps(embed.run(settings)))
+print("RESULT " + json.dumps(embed.run(settings).to_dict()))
 """
 
 
 def _stop_recorded_nodes() -> None:
-    """Node groups a crashed run left (same PID *and* start time, as lib.stack checks)."""
+    """Node groups a crashed run left (same PID *and* start time, as lib.ops.stack checks)."""
     with contextlib.suppress(FileNotFoundError, ValueError):
         for record in json.loads(PIDS.read_text()):
             with contextlib.suppress(psutil.NoSuchProcess):

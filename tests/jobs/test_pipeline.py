@@ -12,11 +12,13 @@ from jobs import pipeline as pipeline_job
 from jobs import submit as submitter
 from jobs import train as train_job
 from jobs import watch as watch_job
-from lib import lake, registry
-from lib.pipeline import ARCHIVE_DUPLICATE, SUBMIT, SUCCEEDED, WAIT, record_key
-from lib.sample import SampleSpec, write_sample_zip
-from lib.stack import reset_lake_and_registry
-from lib.storage import exists, get_json, list_keys, put_bytes
+from lib.data import lake
+from lib.data.layout import pipeline_record_key
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import exists, get_json, list_keys, put_bytes
+from lib.model import registry
+from lib.ops.pipeline import ARCHIVE_DUPLICATE, SUBMIT, SUCCEEDED, WAIT
+from lib.ops.stack import reset_lake_and_registry
 
 
 def wait_succeeded(jobs, submission_id: str) -> None:
@@ -51,7 +53,7 @@ def test_a_failed_stage_is_resumed_without_rerunning_the_others(ray_cluster, s3,
     with pytest.raises(RuntimeError, match="injected"):
         pipeline_job.run(uri, stack)
     batch_id = lake.committed_manifests(s3, stack)[0]["batch_id"]
-    record = get_json(s3, stack.bucket_lake, record_key(batch_id))
+    record = get_json(s3, stack.bucket_lake, pipeline_record_key(batch_id))
     assert [record["stages"][s]["status"] for s in ("ingest", "embed", "train")] == [
         SUCCEEDED,
         SUCCEEDED,

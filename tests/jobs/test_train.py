@@ -15,14 +15,18 @@ from mlflow import MlflowClient
 from jobs import ingest as ingest_job
 from jobs import promote as promote_job
 from jobs import train as train_job
-from lib import lake, registry
-from lib.embed import RUN_MANIFEST, embedding_inputs, run_prefix
-from lib.encoders import encoder_ids, encoder_set_id
-from lib.model import FusionConfig, MultimodalMLP
-from lib.sample import SampleSpec, write_sample_zip
+from lib.data import layout
+from lib.data.sample import SampleSpec, write_sample_zip
+from lib.data.storage import put_bytes, put_json, put_table, s3_client
+from lib.features.catalogue import current_catalogue
+from lib.model import registry
+from lib.model.artifact import write_model_dir
+from lib.model.dataset import load_dataset
+from lib.model.evaluate import promote_if_better, score_codes
+from lib.model.network import FusionConfig, MultimodalMLP
+from lib.model.tune import default_trial, search_space, tune_head
+from lib.ops.stack import reset_lake_and_registry
 from lib.settings import PROJECT_ROOT
-from lib.stack import reset_lake_and_registry
-from lib.storage import put_bytes, put_json, put_table, s3_client
 
 
 def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> None:
@@ -31,10 +35,13 @@ def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> N
     (The embed job itself is tested in test_embed; here the encoders would only cost time.)
     """
     client = s3_client(settings)
-    text_id, image_id = encoder_ids(settings)
-    set_id = encoder_set_id(text_id, image_id)
-    products = lake.current_products(client, settings)
-    inputs = embedding_inputs(products, settings, set_id)
+    catalogue = current_catalogue(client, settings)
+    text_id, image_id, set_id, inputs = (
+        catalogue.text_id,
+        catalogue.image_id,
+        catalogue.set_id,
+        catalogue.inputs,
+    )
     rng = np.random.default_rng(seed)
     codes = sorted(inputs["prdtypecode"].dropna().unique())
     text_centroids = rng.normal(size=(len(codes), text_id.dim))
@@ -57,11 +64,13 @@ def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> N
             "image_emb": pa.FixedSizeListArray.from_arrays(image.ravel(), image_id.dim),
         }
     )
-    put_table(client, settings.bucket_lake, f"{run_prefix(set_id, run_id)}part-0.parquet", table)
+    put_table(
+        client, settings.bucket_lake, f"{layout.embedding_run_prefix(set_id, run_id)}part-0.parquet", table
+    )
     put_json(
         client,
         settings.bucket_lake,
-        f"{run_prefix(set_id, run_id)}{RUN_MANIFEST}",
+        layout.embedding_run_manifest_key(set_id, run_id),
         {"run_id": run_id, "committed_at": datetime.now(UTC).isoformat(), "encoded": len(table)},
     )
 
@@ -82,10 +91,8 @@ def trained(ray_cluster, stack):
 
 def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
     client = MlflowClient(stack.mlflow_uri)
-    parent = client.get_run(trained["run_id"])
-    trials = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{trained['run_id']}'"
-    )
+    parent = client.get_run(trained.run_id)
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{trained.run_id}'")
     assert len(trials) == 3
     assert all(r.info.status in {"FINISHED", "KILLED"} for r in trials)
     history = client.get_metric_history(trials[0].info.run_id, "val_f1_macro")
@@ -109,7 +116,7 @@ def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["test_f1_macro"] > 0.3  # the synthetic classes are learnable (chance: 0.04)
     assert {p for p in parent.data.params if p.startswith("best_")} >= {"best_lr", "best_weight_decay"}
-    artifacts = {a.path for a in client.list_artifacts(trained["run_id"])}
+    artifacts = {a.path for a in client.list_artifacts(trained.run_id)}
     assert {
         "confusion_matrix.png",
         "per_class_test.csv",
@@ -121,21 +128,21 @@ def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
         ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
     ).stdout.strip()
     assert parent.data.tags["git_sha"].removesuffix("-dirty") == expected_sha
-    lineage = mlflow.artifacts.load_dict(f"runs:/{trained['run_id']}/lineage.json")
+    lineage = mlflow.artifacts.load_dict(f"runs:/{trained.run_id}/lineage.json")
     assert lineage["products"] == 400 and len(lineage["class_counts"]) == 27 and lineage["batch_ids"]
 
 
 def test_first_model_is_registered_and_promoted_with_its_card(trained, stack):
     client = MlflowClient(stack.mlflow_uri)
     production = registry.version_by_alias(client, stack.registered_model_name, registry.PRODUCTION)
-    assert trained["decision"]["promoted"] and production.version == trained["version"]
+    assert trained.decision.promoted and production.version == trained.version
     loaded = registry.load_version(client, stack.registered_model_name, production.version)
-    assert len(loaded.codes) == 27 and loaded.card["encoder_set_id"] == trained["lineage"]["encoder_set_id"]
-    assert loaded.card["git_sha"] and loaded.card["batch_ids"] == trained["lineage"]["batch_ids"]
+    assert len(loaded.codes) == 27 and loaded.card["encoder_set_id"] == trained.lineage["encoder_set_id"]
+    assert loaded.card["git_sha"] and loaded.card["batch_ids"] == trained.lineage["batch_ids"]
     assert loaded.card["temperature"] > 0 and loaded.card["calibration"]["test_ece_after"] >= 0
     # The first trial is the default configuration, whose lexical branch is on.
-    assert trained["lineage"]["lexical_dim"] > 1000
-    best = trained["best"]["config"]
+    assert trained.lineage["lexical_dim"] > 1000
+    best = trained.best.config
     assert (loaded.lexical is not None) == (int(best["lexical_proj"]) > 0 or bool(best["lexical_wide"]))
     # The pyfunc flavour predicts probabilities too, from the product text as well when the head reads it.
     pyfunc = mlflow.pyfunc.load_model(f"models:/{stack.registered_model_name}@production")
@@ -152,14 +159,14 @@ def test_first_model_is_registered_and_promoted_with_its_card(trained, stack):
 
 def test_unchanged_embeddings_skip_training(trained, stack):
     again = train_job.run(stack, trials=3, max_epochs=6)
-    assert again["skipped"] and "unchanged" in again["reason"]
+    assert again.skipped and "unchanged" in again.reason
 
 
 def test_worse_model_is_not_promoted_better_one_is_and_rollback_swaps(trained, stack):
     client = MlflowClient(stack.mlflow_uri)
     name = stack.registered_model_name
-    good = trained["version"]
-    data, _ = train_job.load_dataset(stack, s3_client(stack))
+    good = trained.version
+    data, _ = load_dataset(s3_client(stack), stack)
     production = registry.load_version(client, name, good)
     card = production.card
     # An untrained head with the same contract: a clearly worse model.
@@ -170,21 +177,19 @@ def test_worse_model_is_not_promoted_better_one_is_and_rollback_swaps(trained, s
     from pathlib import Path
 
     with mlflow.start_run(run_name="worse"), tempfile.TemporaryDirectory() as tmp:
-        model_dir = registry.write_model_dir(
-            Path(tmp) / "m", worse_model.state_dict(), card, production.lexical
-        )
+        model_dir = write_model_dir(Path(tmp) / "m", worse_model.state_dict(), card, production.lexical)
         info = registry.log_model(model_dir, card, [])
     worse = mlflow.register_model(info.model_uri, name).version
-    worse_f1 = train_job.score_codes(data, registry.load_version(client, name, worse))
-    decision = train_job.promote_if_better(client, stack, data, worse, worse_f1)
-    assert not decision["promoted"] and decision["production_test_f1_macro_rescored"] > worse_f1
+    worse_f1 = score_codes(data, registry.load_version(client, name, worse))
+    decision = promote_if_better(client, stack, data, worse, worse_f1)
+    assert not decision.promoted and decision.production_test_f1_macro_rescored > worse_f1
     assert registry.version_by_alias(client, name, registry.PRODUCTION).version == good
 
     # Make the worse one production by hand, then the good one beats it on the same split.
     registry.promote(client, name, worse)
-    good_f1 = train_job.score_codes(data, registry.load_version(client, name, good))
-    decision = train_job.promote_if_better(client, stack, data, good, good_f1)
-    assert decision["promoted"]
+    good_f1 = score_codes(data, registry.load_version(client, name, good))
+    decision = promote_if_better(client, stack, data, good, good_f1)
+    assert decision.promoted
     assert registry.version_by_alias(client, name, registry.PRODUCTION).version == good
     assert registry.version_by_alias(client, name, registry.PREVIOUS).version == worse
 
@@ -207,15 +212,15 @@ def test_pruning_keeps_aliased_and_newest_versions(trained, stack):
 
 def test_replay_trains_exactly_the_given_configurations_in_order(trained, stack):
     """The ASHA-vs-FIFO benchmark's FIFO run replays ASHA's trials: the search must not sample others."""
-    data, _ = train_job.load_dataset(stack, s3_client(stack))
-    space = train_job.search_space(lexical=data.lexical_dim > 0)
-    first = train_job.default_trial(space)
+    data, _ = load_dataset(s3_client(stack), stack)
+    space = search_space(lexical=data.lexical_dim > 0)
+    first = default_trial(space)
     second = {**first, "lr": 3e-4, "batch_size": 128, "activation": "relu", "lexical_proj": 0}
     mlflow.set_tracking_uri(stack.mlflow_uri)
     experiment = mlflow.set_experiment(f"{stack.mlflow_experiment}-replay")
     with mlflow.start_run() as parent:
-        out = train_job.tune_head(
+        out = tune_head(
             stack, data, parent.info.run_id, experiment.experiment_id, 20, 2, "fifo", replay=[first, second]
         )
-    assert out["trials"] == 2
-    assert out["configs"] == [first, second]
+    assert out.trials == 2
+    assert out.configs == [first, second]

@@ -15,9 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from lib import predlog
+from lib.data import layout
+from lib.data.text import clean_text, product_text
+from lib.ops import predlog
 from lib.settings import PROJECT_ROOT, Settings
-from lib.text import clean_text, product_text
 from serve import logic
 
 SETTINGS = Settings(max_image_bytes=50_000, max_image_pixels=200 * 200, text_max_chars=20)
@@ -186,19 +187,11 @@ def test_encode_isolating_fails_only_the_bad_image():
     assert out[0].shape == (3,) and out[2].shape == (3,)
 
 
-def test_probabilities_use_the_temperature():
-    logits = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    p = logic.probabilities(logits)
-    assert np.allclose(p.sum(1), 1) and np.allclose(p[1], 1 / 3)
-    assert logic.probabilities(logits, 2.0)[0, 0] < p[0, 0]  # a higher temperature flattens
-    assert np.isfinite(logic.probabilities(np.array([[1000.0, -1000.0]]))).all()
-
-
 def test_top5_and_prediction():
     probs = np.array([0.05, 0.1, 0.02, 0.03, 0.3, 0.5])
     top = logic.top_k(probs, CARD["codes"], CARD)
     assert [t["prdtypecode"] for t in top] == [2583, 1140, 40, 10, 60]
-    assert top[0]["class_name"] == "Piscine" and top[1]["class_name"]  # card name, then lib.rakuten's
+    assert top[0]["class_name"] == "Piscine" and top[1]["class_name"]  # card name, then lib.data.rakuten's
     result = logic.prediction(probs, CARD, 0.6, "m", "3")
     assert result["prdtypecode"] == 2583 and result["confidence"] == pytest.approx(0.5)
     assert result["abstained"] and not logic.prediction(probs, CARD, 0.4, "m", "3")["abstained"]
@@ -279,7 +272,7 @@ def test_log_rows_and_table():
     row = table.to_pylist()[0]
     assert row["prdtypecode"] == 2583 and row["top5_codes"][:2] == [2583, 1140] and not row["has_image"]
     assert row["input_hash"] == "h" * 64 and row["model_version"] == "1"
-    assert predlog.prediction_key(ts, "abc") == "predictions/date=2026-03-01/abc.parquet"
+    assert layout.prediction_key(ts, "abc") == "predictions/date=2026-03-01/abc.parquet"
     groups = predlog.group_rows(
         [make_row(ts), make_row(ts + timedelta(minutes=2)), make_row(ts, dims=(5, 6))]
     )
@@ -328,7 +321,7 @@ def test_writer_flushes_by_rows_and_by_time():
     wait_for(lambda: store.rows == 4)
     writer.close(2)
     assert writer.stats()["written"] == 4 and writer.dropped == 0
-    assert all(k.startswith(predlog.date_prefix(now)) for k in store.files)
+    assert all(k.startswith(layout.prediction_day_prefix(now)) for k in store.files)
 
 
 def test_writer_keeps_rows_while_s3_is_down_and_drops_the_oldest_beyond_the_bound():

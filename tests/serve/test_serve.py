@@ -25,11 +25,14 @@ from mlflow import MlflowClient
 from PIL import Image
 from pydantic import SecretStr
 
-from lib import lake, predlog, registry
-from lib.embed import PRODUCT_COLUMNS, embedding_inputs, read_embeddings
-from lib.encoders import encoder_ids, encoder_set_id
-from lib.storage import get_bytes
-from lib.text import clean_text
+from lib.data import lake
+from lib.data.storage import get_bytes
+from lib.data.text import clean_text
+from lib.features.embed import PRODUCT_COLUMNS, embedding_inputs, read_embeddings
+from lib.features.encoders import encoder_ids, encoder_set_id
+from lib.model import registry
+from lib.model.artifact import LoadedModel, write_model_dir
+from lib.ops import predlog
 from serve import logic
 
 TOKEN = "serve-test-token"
@@ -54,7 +57,7 @@ def jpeg(size: int = 96, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def register_copy(settings, source: registry.LoadedModel, card: dict | None = None) -> str:
+def register_copy(settings, source: LoadedModel, card: dict | None = None) -> str:
     """A new version of the serving test model (its weights, TF-IDF block and card, or another card)."""
     import mlflow
 
@@ -62,9 +65,7 @@ def register_copy(settings, source: registry.LoadedModel, card: dict | None = No
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name="serve-test-copy"):
-        model_dir = registry.write_model_dir(
-            Path(tmp) / "model", source.model.state_dict(), card, source.lexical
-        )
+        model_dir = write_model_dir(Path(tmp) / "model", source.model.state_dict(), card, source.lexical)
         info = registry.log_model(model_dir, card, [])
     return mlflow.register_model(info.model_uri, settings.registered_model_name).version
 
@@ -139,7 +140,7 @@ def serve_settings(stack):
 
 
 @pytest.fixture(scope="module")
-def source_model(production_model, stack) -> registry.LoadedModel:
+def source_model(production_model, stack) -> LoadedModel:
     """The pipeline's production model (weights + card), copied into the serving test model."""
     import mlflow
 

@@ -1,0 +1,1 @@
+"""The data contract and the lake: the Rakuten format, the sample generator, ZIP ingestion, storage."""

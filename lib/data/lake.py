@@ -1,0 +1,56 @@
+"""Reading the lake: committed batches, their products and rejects, and the current catalogue.
+
+Keys come from ``lib.data.layout``.
+
+A batch is visible only once its ``manifest.json`` exists (written last). The *current* product view is
+computed on read: for each productid, the row of the most recently committed batch.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lib.data.layout import BATCHES, batch_id_of, manifest_key, products_key, rejects_key
+from lib.data.storage import exists, get_json, get_table, list_prefixes
+from lib.settings import Settings
+
+
+def is_committed(client, settings: Settings, batch_id: str) -> bool:
+    return exists(client, settings.bucket_lake, manifest_key(batch_id))
+
+
+def committed_manifests(client, settings: Settings) -> list[dict]:
+    """Manifests of every committed batch, oldest commit first."""
+    manifests = []
+    for prefix in list_prefixes(client, settings.bucket_lake, BATCHES):
+        batch_id = batch_id_of(prefix)
+        if is_committed(client, settings, batch_id):
+            manifests.append(get_json(client, settings.bucket_lake, manifest_key(batch_id)))
+    return sorted(manifests, key=lambda m: (m["committed_at"], m["batch_id"]))
+
+
+def batch_products(
+    client, settings: Settings, batch_id: str, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """Products of one committed batch (older versions stay queryable this way)."""
+    return get_table(client, settings.bucket_lake, products_key(batch_id), columns).to_pandas()
+
+
+def get_rejects(client, settings: Settings, batch_id: str) -> pd.DataFrame:
+    """The reject report of one batch (row, productid, reason, action, detail)."""
+    return get_table(client, settings.bucket_lake, rejects_key(batch_id)).to_pandas()
+
+
+def current_products(
+    client, settings: Settings, columns: list[str] | None = None, manifests: list[dict] | None = None
+) -> pd.DataFrame:
+    """The current catalogue: per productid, the row from the newest committed batch."""
+    manifests = committed_manifests(client, settings) if manifests is None else manifests
+    if columns is not None and "productid" not in columns:
+        columns = ["productid", *columns]
+    frames = [batch_products(client, settings, m["batch_id"], columns) for m in manifests]
+    if not frames:
+        return pd.DataFrame(columns=columns or ["productid"])
+    # Concatenated oldest → newest, so keeping the last occurrence keeps the newest batch's row.
+    merged = pd.concat(frames, ignore_index=True)
+    return merged.drop_duplicates("productid", keep="last").reset_index(drop=True)

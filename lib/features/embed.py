@@ -1,0 +1,418 @@
+"""Embeddings of the current catalogue: what to encode, the encoder worker, and reading them back.
+
+Layout (``lib.data.layout``): one Parquet file per encoded block under the run's prefix, plus the run's
+manifest written last (the commit). A product is encoded again only when its embedding hash changes: the
+hash covers the text the encoder sees, the image bytes (their SHA-256) and the encoder ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lib.data import lake
+from lib.data.layout import (
+    RUN_MANIFEST_FILE,
+    embedding_run_manifest_key,
+    embedding_run_prefix,
+    embedding_set_prefix,
+)
+from lib.data.storage import (
+    arrow_fs,
+    get_json,
+    list_prefixes,
+    put_json,
+    put_table,
+    read_object,
+    s3_client,
+    split_uri,
+)
+from lib.data.text import product_text
+from lib.data.zip_reader import IMAGE_ZIP_COLUMNS, LOCATION_COLUMNS, read_members
+from lib.features.encoders import build_image_encoder, build_text_encoder
+from lib.settings import Settings
+
+# Rows per Parquet batch when reading a subset of embeddings: a few MB whatever the file size.
+STREAM_BATCH_ROWS = 1024
+# Hex characters of a block file's name: unique among the blocks of a run.
+BLOCK_NAME_HEX_CHARS = 16
+# Columns the encoder worker needs from the product table.
+PRODUCT_COLUMNS = [
+    "productid", "batch_id", "prdtypecode", "designation_clean", "description_clean", "image_key",
+    "image_sha256", "has_image",
+]  # fmt: skip
+
+
+def embed_hash(text: str, image_sha256: str | None, set_id: str) -> str:
+    """What an embedding depends on: encoder input text, image bytes, encoders."""
+    return hashlib.sha256(f"{set_id}\x1f{text}\x1f{image_sha256 or ''}".encode()).hexdigest()[:24]
+
+
+def embedding_inputs(products: pd.DataFrame, settings: Settings, set_id: str) -> pd.DataFrame:
+    """The encoder inputs of each product: text, image key, flags and the embedding hash."""
+    texts = [
+        product_text(d, s, settings.text_max_chars)
+        for d, s in zip(products["designation_clean"], products["description_clean"], strict=True)
+    ]
+    has_image = products["has_image"].fillna(False).astype(bool).to_numpy()
+    image_sha = [s if h else None for s, h in zip(products["image_sha256"], has_image, strict=True)]
+    image_key = [k if h else None for k, h in zip(products["image_key"], has_image, strict=True)]
+    return pd.DataFrame(
+        {
+            "productid": products["productid"].astype("int64").to_numpy(),
+            "batch_id": products["batch_id"].to_numpy(),
+            "prdtypecode": products["prdtypecode"].astype("Int64").to_numpy(),
+            "text": texts,
+            "has_text": [bool(t.strip()) for t in texts],
+            "image_key": image_key,
+            "has_image": has_image,
+            "embed_hash": [embed_hash(t, s, set_id) for t, s in zip(texts, image_sha, strict=True)],
+        }
+    )
+
+
+IMAGE_ZIP = "image_zip"  # column: URI of the ZIP holding the product's image (None: fetch it by key)
+
+
+def image_locations(client, settings: Settings, manifests: list[dict]) -> pd.DataFrame:
+    """Where each product's image sits in its batch's ZIP: productid, batch_id, image_zip, image_zip_*.
+
+    Only batches whose manifest names an ``archive_uri`` (ingested since ZIP locations are kept) appear.
+    """
+    frames = [
+        lake.batch_products(client, settings, m["batch_id"], ["productid", *IMAGE_ZIP_COLUMNS]).assign(
+            batch_id=m["batch_id"], **{IMAGE_ZIP: m["archive_uri"]}
+        )
+        for m in manifests
+        if m.get("archive_uri")
+    ]
+    if not frames:
+        return pd.DataFrame(columns=["productid", "batch_id", IMAGE_ZIP, *IMAGE_ZIP_COLUMNS])
+    return pd.concat(frames, ignore_index=True)
+
+
+def with_image_locations(inputs: pd.DataFrame, locations: pd.DataFrame) -> pd.DataFrame:
+    """Embedding inputs plus their image's ZIP location, sorted so each batch reads adjacent members.
+
+    A product without a usable location (no image, or a batch without one) gets ``image_zip`` None and
+    offset -1: its image is fetched by key.
+    """
+    out = inputs.merge(locations, on=["productid", "batch_id"], how="left", validate="one_to_one")
+    usable = out["has_image"] & out[IMAGE_ZIP].notna() & (out["image_zip_offset"].fillna(-1) >= 0)
+    out[IMAGE_ZIP] = out[IMAGE_ZIP].where(usable, None)
+    out[IMAGE_ZIP_COLUMNS] = out[IMAGE_ZIP_COLUMNS].where(usable, -1).astype("int64")
+    return out.sort_values([IMAGE_ZIP, "image_zip_offset"], kind="stable", na_position="last").reset_index(
+        drop=True
+    )
+
+
+def member_runs(offsets: np.ndarray, ends: np.ndarray, max_gap: int) -> list[np.ndarray]:
+    """Split members (sorted by offset) into runs read with one ranged read each: a gap > max_gap splits.
+
+    Returns positions into ``offsets``.
+    """
+    if len(offsets) == 0:
+        return []
+    reach = np.maximum.accumulate(ends)
+    breaks = np.flatnonzero(offsets[1:] - reach[:-1] > max_gap) + 1
+    return np.split(np.arange(len(offsets)), breaks)
+
+
+def committed_runs(client, settings: Settings, set_id: str) -> list[dict]:
+    """Manifests of the committed embedding runs of one encoder set, oldest first."""
+    runs = []
+    for prefix in list_prefixes(client, settings.bucket_lake, embedding_set_prefix(set_id)):
+        try:
+            runs.append(get_json(client, settings.bucket_lake, f"{prefix}{RUN_MANIFEST_FILE}"))
+        except client.exceptions.NoSuchKey:
+            continue  # an uncommitted (crashed) run: invisible
+    return sorted(runs, key=lambda m: m["committed_at"])
+
+
+def read_embeddings(
+    client,
+    settings: Settings,
+    set_id: str,
+    columns: list[str] | None = None,
+    hashes: list[str] | None = None,
+) -> pd.DataFrame:
+    """Committed embedding rows of the set, the latest run winning per embedding hash.
+
+    With ``hashes``, only those rows, streamed a Parquet batch at a time: memory stays bounded by what
+    is kept, whatever the size of the files.
+    """
+    fs = arrow_fs(settings)
+    wanted = None if hashes is None else pa.array(hashes, pa.string())
+    read_columns = None if columns is None else list(dict.fromkeys(["embed_hash", *columns]))
+    tables = []
+    for run in committed_runs(client, settings, set_id):  # oldest first: later runs win below
+        path = f"{settings.bucket_lake}/{embedding_run_prefix(set_id, run['run_id'])}"
+        for info in fs.get_file_info(pa.fs.FileSelector(path)):
+            if not info.path.endswith(".parquet"):
+                continue
+            if wanted is None:
+                tables.append(pq.read_table(info.path, filesystem=fs, columns=read_columns))
+                continue
+            with fs.open_input_file(info.path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(STREAM_BATCH_ROWS, columns=read_columns):
+                    kept = batch.filter(pc.is_in(batch.column("embed_hash"), value_set=wanted))
+                    if kept.num_rows:
+                        tables.append(pa.Table.from_batches([kept]))
+    if not tables:
+        return pd.DataFrame(columns=read_columns or ["embed_hash"])
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    frame = frame.drop_duplicates("embed_hash", keep="last").reset_index(drop=True)
+    return frame if columns is None else frame[columns]
+
+
+def to_matrix(column: pd.Series, dim: int) -> np.ndarray:
+    """A column of equal-length float vectors → a (n, dim) float32 matrix."""
+    if len(column) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.stack(column.to_numpy()).astype(np.float32, copy=False)
+
+
+def encoder_pool_size(cluster_cpus: float, actor_cpus: float, reserve_cpus: float) -> int:
+    """How many encoder actors fit beside ``reserve_cpus`` for other Ray tasks, at most one per core.
+
+    Leaving no CPU to the other Ray Data tasks deadlocks the pipeline on small machines. One actor per
+    core with one thread each beats fewer actors with more threads (bench_embed: 2 × 1 thread encodes
+    17 % more products/s than 1 × 2 threads on 2 cores).
+    """
+    fits = math.floor((cluster_cpus - reserve_cpus) / actor_cpus)
+    return max(1, min(math.floor(cluster_cpus), fits))
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on; None outside Ray."""
+    import ray  # lazy: only encoder actors ask; the dashboard and tests read embeddings without Ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def plan_encoder_pool(
+    total_cpus: float, available_cpus: float, actor_cpus: float, reserve_cpus: float
+) -> tuple[int, float]:
+    """(actors, CPUs per actor) that fit what is free now, keeping ``reserve_cpus`` for the other tasks.
+
+    Other work holds CPUs on a live cluster (Serve replicas, a Tune run): a pool sized from the total
+    would wait forever for them. When not even one actor of ``actor_cpus`` fits, the single actor asks for
+    what is free (Ray's CPUs are a reservation, not a limit: its threads still use the cores).
+    """
+    free = max(available_cpus - reserve_cpus, 0.0)
+    if free >= actor_cpus:
+        return max(
+            1, min(encoder_pool_size(total_cpus, actor_cpus, reserve_cpus), math.floor(free / actor_cpus))
+        ), actor_cpus
+    return 1, max(round(free, 2), 0.05)
+
+
+def encoder_threads(cluster_cpus: float, nodes: int, actors: int, minimum: int) -> int:
+    """Intra-op threads per encoder actor, so that the pool's threads cover every core of a node.
+
+    Ray's CPUs are a reservation, not a limit: beside Serve replicas (which reserve CPUs but mostly idle)
+    only one actor fits on 2 cores, and with one thread it would leave the second core unused.
+    """
+    nodes = max(nodes, 1)
+    per_node = math.ceil(actors / nodes)
+    return max(minimum, math.floor(cluster_cpus / nodes / per_node))
+
+
+@dataclass
+class EncoderPlan:
+    """How a run encodes: a fixed pool of actors, their CPUs and threads, and the blocks they get."""
+
+    actors: int
+    actor_cpus: float
+    threads: int
+    blocks: list[pd.DataFrame]
+
+
+def plan_encoding(
+    todo: pd.DataFrame, settings: Settings, total_cpus: float, available_cpus: float, nodes: int
+) -> EncoderPlan:
+    """The actor pool and the blocks for ``todo`` on a cluster with these CPUs and alive nodes."""
+    actors, actor_cpus = plan_encoder_pool(
+        total_cpus, available_cpus, settings.embed_actor_cpus, settings.embed_reserve_cpus
+    )
+    # An actor per full encoder batch at most: for a handful of products a second actor would spend more
+    # on its start and model loading than it takes off the first one.
+    actors = min(actors, max(1, len(todo) // settings.embed_batch_size))
+    threads = encoder_threads(total_cpus, nodes, actors, settings.encoder_threads)
+    count = max(actors, math.ceil(len(todo) / (settings.embed_batch_size * settings.embed_block_batches)))
+    size = max(1, math.ceil(len(todo) / count))
+    # Blocks cut here rather than by `repartition`, whose task would need a whole free CPU.
+    blocks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]
+    return EncoderPlan(actors, actor_cpus, threads, blocks)
+
+
+@dataclass
+class EmbedRun:
+    """An embedding run: what was encoded, how, and how fast (its JSON is the run's manifest, the commit)."""
+
+    encoder_set_id: str
+    text_encoder: str
+    image_encoder: str
+    products: int  # current products considered
+    cached: int  # of which already embedded
+    encoded: int  # of which encoded by this run
+    run_id: str | None = None  # None: nothing to encode, nothing written
+    text_dim: int = 0
+    image_dim: int = 0
+    actors: int = 0
+    threads_per_actor: int = 0
+    batch_size: int = 0
+    files: int = 0
+    seconds: float = 0.0
+    items_per_s: float = 0.0
+    committed_at: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time plus a random suffix."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def commit_run(client, settings: Settings, run: EmbedRun, rows_written: int) -> EmbedRun:
+    """Write the run's manifest (readers only see runs that have one) once every product was written."""
+    if rows_written != run.encoded:
+        raise RuntimeError(
+            f"the encoders wrote {rows_written} rows for {run.encoded} products in run {run.run_id}"
+        )
+    run.committed_at = datetime.now(UTC).isoformat()
+    put_json(
+        client,
+        settings.bucket_lake,
+        embedding_run_manifest_key(run.encoder_set_id, run.run_id),
+        run.to_dict(),
+    )
+    return run
+
+
+class ImageFetcher:
+    """The image bytes of a batch of embedding inputs: ranged reads of the batch's ZIP, else one GET each.
+
+    Members next to each other in a ZIP come with one ranged read (a batch of 32 is one read instead of
+    32 GETs). An image without a location, in a ZIP that is gone, or whose CRC fails is read from its
+    content-addressed object. Reads go through pyarrow's C++ S3 client (a third of boto3's CPU per GET).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.bucket = settings.bucket_lake
+        self.max_gap = settings.embed_zip_max_gap_bytes
+        self._fs = arrow_fs(settings)
+        self._pool = ThreadPoolExecutor(settings.upload_threads)
+        self._archives: dict[str, object] = {}
+
+    def _archive(self, uri: str):
+        if uri not in self._archives:
+            bucket, key = split_uri(uri)
+            self._archives[uri] = self._fs.open_input_file(f"{bucket}/{key}")
+        return self._archives[uri]
+
+    def _from_archive(self, uri: str, locations: pd.DataFrame) -> list[bytes | None]:
+        try:
+            return read_members(self._archive(uri), locations)
+        except OSError:  # the ZIP was deleted or cannot be read: fall back to the objects
+            return [None] * len(locations)
+
+    def _fetch_zipped(self, batch: pd.DataFrame, out: list[bytes | None]) -> None:
+        located = batch[batch[IMAGE_ZIP].notna()].sort_values("image_zip_offset", kind="stable")
+        for uri, group in located.groupby(IMAGE_ZIP, sort=False):
+            locations = group[IMAGE_ZIP_COLUMNS].set_axis(LOCATION_COLUMNS, axis=1)
+            offsets = locations["offset"].to_numpy()
+            ends = offsets + locations["compress_size"].to_numpy()
+            for run in member_runs(offsets, ends, self.max_gap):
+                blobs = self._from_archive(str(uri), locations.iloc[run])
+                for position, data in zip(group.index[run], blobs, strict=True):
+                    out[position] = data
+
+    def fetch(self, batch: pd.DataFrame) -> list[bytes | None]:
+        """Bytes of each row's image (None where ``has_image`` is false)."""
+        batch = batch.reset_index(drop=True)
+        out: list[bytes | None] = [None] * len(batch)
+        if IMAGE_ZIP in batch:
+            self._fetch_zipped(batch, out)
+        keys = batch["image_key"].tolist()
+        by_key = [i for i, has in enumerate(batch["has_image"].tolist()) if has and out[i] is None]
+        blobs = self._pool.map(lambda i: read_object(self._fs, self.bucket, keys[i]), by_key)
+        for position, data in zip(by_key, blobs, strict=True):
+            out[position] = data
+        return out
+
+
+def block_file_name(embed_hashes: list[str]) -> str:
+    """A block's Parquet file name, derived from its rows: a retried block overwrites its own file."""
+    digest = hashlib.sha256("\n".join(embed_hashes).encode()).hexdigest()[:BLOCK_NAME_HEX_CHARS]
+    return f"part-{digest}.parquet"
+
+
+class EncoderWorker:
+    """Encodes blocks of embedding inputs and writes each block as one Parquet file (a Ray Data actor).
+
+    A block is encoded in batches of ``settings.embed_batch_size``. Missing modalities get a zero vector
+    and a false flag, so every row has both columns. Each row records the Ray node that encoded it
+    (``node_id``), which shows how the work spread over the cluster. The worker fetches its own images
+    (with ranged ZIP reads a batch's fetch is about 1 % of its encoding) and writes its own output: a
+    separate fetch or write stage would cost a process start and CPU that 2 cores do not have spare.
+    """
+
+    def __init__(self, settings: Settings, output_prefix: str) -> None:
+        self.text_encoder = build_text_encoder(settings)
+        self.image_encoder = build_image_encoder(settings)
+        self.fetcher = ImageFetcher(settings)
+        self.node_id = _ray_node_id()
+        self.batch_size = settings.embed_batch_size
+        self.bucket, self.output_prefix = settings.bucket_lake, output_prefix
+        self._client = s3_client(settings)
+
+    def __call__(self, block: pd.DataFrame) -> dict[str, list]:
+        """Encode and write one block; returns its file and row count (what the driver checks)."""
+        block = block.reset_index(drop=True)
+        table = pa.concat_tables(
+            [self.encode(block.iloc[i : i + self.batch_size]) for i in range(0, len(block), self.batch_size)]
+        )
+        key = f"{self.output_prefix}{block_file_name(block['embed_hash'].tolist())}"
+        put_table(self._client, self.bucket, key, table)
+        return {"file": [key], "rows": [table.num_rows]}
+
+    def encode(self, batch: pd.DataFrame) -> pa.Table:
+        """Embedding rows of one encoder batch."""
+        n = len(batch)
+        has_text = batch["has_text"].to_numpy(bool)
+        has_image = batch["has_image"].to_numpy(bool)
+        text_dim, image_dim = self.text_encoder.id.dim, self.image_encoder.id.dim
+        text_emb = np.zeros((n, text_dim), np.float32)  # (n, text_dim)
+        image_emb = np.zeros((n, image_dim), np.float32)  # (n, image_dim)
+        if has_text.any():
+            text_emb[has_text] = self.text_encoder.encode(batch["text"][has_text].tolist())
+        if has_image.any():
+            image_emb[has_image] = self.image_encoder.encode(self.fetcher.fetch(batch[has_image]))
+        return pa.table(
+            {
+                "productid": pa.array(batch["productid"], pa.int64()),
+                "batch_id": pa.array(batch["batch_id"], pa.string()),
+                "prdtypecode": pa.array(batch["prdtypecode"], pa.int64()),
+                "embed_hash": pa.array(batch["embed_hash"], pa.string()),
+                "has_text": pa.array(has_text),
+                "has_image": pa.array(has_image),
+                "text_emb": pa.FixedSizeListArray.from_arrays(text_emb.ravel(), text_dim),
+                "image_emb": pa.FixedSizeListArray.from_arrays(image_emb.ravel(), image_dim),
+                "text_encoder": pa.array([self.text_encoder.id.key] * n, pa.string()),
+                "image_encoder": pa.array([self.image_encoder.id.key] * n, pa.string()),
+                "node_id": pa.array([self.node_id] * n, pa.string()),
+            }
+        )

@@ -1,0 +1,1 @@
+"""The fusion head: network and inference, dataset, training, tuning, evaluation, registry."""

@@ -1,0 +1,172 @@
+"""Evaluation on the held-out test split: test report with calibration, ablation, and the promotion decision.
+
+The test split is read only here, after tuning and early stopping (which see train and val only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from mlflow import MlflowClient
+
+from lib.features.encoders import encoder_ids, encoder_set_id
+from lib.model import metrics, registry
+from lib.model.artifact import LoadedModel
+from lib.model.dataset import Dataset
+from lib.model.network import FusionConfig, load_trained, predict_logits, softmax
+from lib.model.split import TEST, VAL
+from lib.model.train import TrainConfig, TrainResult, configs_from_trial, train_model
+from lib.model.tune import DEFAULT_TRIAL
+from lib.settings import Settings
+
+
+@dataclass
+class FittedHead:
+    """One configuration trained on train (early stopping on val) and scored on test."""
+
+    model_config: FusionConfig
+    train_config: TrainConfig
+    result: TrainResult
+    report: dict[str, float]  # f1_macro, f1_weighted, accuracy, temperature, ece_before, ece_after
+    predicted: np.ndarray  # predicted label index of each test product
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    candidate_version: str
+    candidate_test_f1_macro: float
+    production_version: str | None
+    production_test_f1_macro_rescored: float | None
+    pruned_versions: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, grid: np.ndarray | None = None) -> float:
+    """Temperature scaling: the T minimising the NLL of softmax(logits / T) on held-out (validation) rows.
+
+    A 1-D search is exact enough and cannot diverge (unlike a gradient fit on a few hundred rows).
+    """
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 400)) if grid is None else grid
+    rows = np.arange(len(y))
+
+    def nll(t: float) -> float:
+        return float(-np.log(np.clip(softmax(logits, t)[rows, y], 1e-12, None)).mean())
+
+    return float(min(grid, key=nll))
+
+
+def test_report(data: Dataset, model) -> tuple[dict, np.ndarray]:
+    """Test metrics of a trained head, with its calibration; returns (metrics, predicted label indices).
+
+    Metrics: F1-macro, weighted F1, accuracy, and the expected calibration error on test before and
+    after temperature scaling (the temperature is fitted on the validation split).
+    """
+    val_text, val_image, y_val = data.part(VAL)
+    text, image, y_test = data.part(TEST)
+    temperature = fit_temperature(predict_logits(model, val_text, val_image, data.lexical_part(VAL)), y_val)
+    logits = predict_logits(model, text, image, data.lexical_part(TEST))
+    report = metrics.summary(y_test, logits.argmax(1)) | {
+        "temperature": temperature,
+        "ece_before": metrics.expected_calibration_error(softmax(logits), y_test),
+        "ece_after": metrics.expected_calibration_error(softmax(logits, temperature), y_test),
+    }
+    return report, logits.argmax(1)
+
+
+def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str = "fusion") -> FittedHead:
+    """Train one configuration on train (early stopping on val) and score the test split."""
+    model_config, train_config = configs_from_trial(
+        config, data.text.shape[1], data.image.shape[1], len(data.codes), base, modality, data.lexical_dim
+    )
+    result = train_model(data, model_config, train_config)
+    report, predicted = test_report(data, load_trained(model_config, result.state_dict))
+    return FittedHead(model_config, train_config, result, report, predicted)
+
+
+def ablation_variants(config: dict, lexical: bool) -> dict[str, tuple[str, dict]]:
+    """Ablation rows → (modality, trial config): the best configuration with inputs taken away.
+
+    "fusion" is the dense fusion (text + image embeddings); with lexical data, "fusion_lexical" and
+    "lexical" use the best configuration's lexical branch, or the default one if the search turned the
+    branch off (the row then shows what the branch would have given).
+    """
+    # Keys are lib.model.metrics.ABLATION_ROWS. The variant that is ``config`` itself is ``config`` (the
+    # same object), so the caller can reuse its model; text and image heads ignore the lexical keys.
+    if not lexical:
+        return {"text": ("text", config), "image": ("image", config), "fusion": ("fusion", config)}
+    lexical_keys = ("lexical_proj", "lexical_wide")
+    branch_on = bool(config.get("lexical_proj")) or bool(config.get("lexical_wide"))
+    dense = {**config, "lexical_proj": 0, "lexical_wide": False} if branch_on else config
+    with_lexical = config if branch_on else {**config, **{k: DEFAULT_TRIAL[k] for k in lexical_keys}}
+    return {
+        "text": ("text", config), "image": ("image", config), "fusion": ("fusion", dense),
+        "fusion_lexical": ("fusion", with_lexical), "lexical": ("lexical", with_lexical),
+    }  # fmt: skip
+
+
+def evaluate_ablation(data: Dataset, config: dict, base: TrainConfig, report: dict) -> dict[str, dict]:
+    """Test metrics of every ablation variant of ``config`` (see ``ablation_variants``), same split.
+
+    ``report`` is the test report of ``config`` itself, reused for the variant that is the same model
+    (training is seeded: it would come out identical).
+    """
+    out = {}
+    for name, (modality, cfg) in ablation_variants(config, lexical=data.lexical_dim > 0).items():
+        same = modality == "fusion" and cfg is config
+        out[name] = report if same else fit_and_test(data, cfg, base, modality).report
+    return out
+
+
+def score_codes(data: Dataset, loaded: LoadedModel) -> float:
+    """Test F1-macro of a registered model on THIS dataset's test split (codes compared, not indices)."""
+    text, image, y = data.part(TEST)
+    predicted = np.array(loaded.codes)[loaded.logits(text, image, data.texts_part(TEST)).argmax(1)]
+    truth = np.array(data.codes)[y]
+    return metrics.summary(truth, predicted)["f1_macro"]
+
+
+def decide_promotion(candidate_f1: float, production_f1: float | None) -> tuple[bool, str]:
+    """Promote only a strict improvement of test F1-macro on the same split."""
+    if production_f1 is None:
+        return True, "no production model yet"
+    if candidate_f1 > production_f1:
+        return True, f"candidate F1-macro {candidate_f1:.4f} > production {production_f1:.4f}"
+    return False, f"candidate F1-macro {candidate_f1:.4f} <= production {production_f1:.4f}"
+
+
+def promote_if_better(
+    client: MlflowClient,
+    settings: Settings,
+    data: Dataset,
+    version: str,
+    candidate_f1: float,
+    production=None,
+) -> PromotionDecision:
+    """Promote ``version`` if it beats production re-scored on the same, current test split."""
+    name = settings.registered_model_name
+    production = production or registry.version_by_alias(client, name, registry.PRODUCTION)
+    production_f1 = None
+    comparable = True
+    if production is not None:
+        loaded = registry.load_version(client, name, production.version)
+        comparable = loaded.card.get("encoder_set_id") == encoder_set_id(*encoder_ids(settings))
+        production_f1 = score_codes(data, loaded) if comparable else None
+    promote, reason = decide_promotion(candidate_f1, production_f1)
+    if not comparable:
+        promote, reason = True, "production model uses other encoders: not comparable, candidate promoted"
+    if promote:
+        registry.promote(client, name, version)
+    return PromotionDecision(
+        promoted=promote,
+        reason=reason,
+        candidate_version=version,
+        candidate_test_f1_macro=candidate_f1,
+        production_version=production.version if production else None,
+        production_test_f1_macro_rescored=production_f1,
+        pruned_versions=registry.prune_versions(client, name, settings.keep_model_versions),
+    )

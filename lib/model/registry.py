@@ -1,0 +1,99 @@
+"""The MLflow model registry: logging a model directory, loading a version, aliases, rollback, pruning.
+
+A registered version is an MLflow pyfunc model whose artifacts are the files of ``lib.model.artifact``.
+Aliases: ``production`` serves; ``previous`` is the rollback target.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from lib.features.lexical import IDF_FILE, VOCABULARY_FILE
+from lib.model.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, read_model_dir
+from lib.model.network import FusionConfig
+
+PRODUCTION = "production"
+PREVIOUS = "previous"
+
+
+def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
+    """Log the model directory as a pyfunc model in the active run (with a tensor signature)."""
+    text_dim, image_dim = card["model_config"]["text_dim"], card["model_config"]["image_dim"]
+    inputs = [TensorSpec(np.dtype(np.float32), (-1, text_dim), "text_emb"),
+              TensorSpec(np.dtype(np.float32), (-1, image_dim), "image_emb")]  # fmt: skip
+    artifacts = {"weights": str(model_dir / WEIGHTS_FILE), "card": str(model_dir / CARD_FILE)}
+    if FusionConfig.from_dict(card["model_config"]).uses_lexical:  # it also reads the product text
+        inputs.append(TensorSpec(np.dtype(np.str_), (-1,), "text"))
+        artifacts |= {"lexical": str(model_dir / VOCABULARY_FILE), "lexical_idf": str(model_dir / IDF_FILE)}
+    signature = ModelSignature(
+        inputs=Schema(inputs),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(card["codes"])), "probabilities")]),
+    )
+    # Lazy: defining the pyfunc class costs an MLflow warning in every process that imports it.
+    from lib.model.pyfunc import FusionPyfunc
+
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=FusionPyfunc(),
+        artifacts=artifacts,
+        signature=signature,
+        pip_requirements=pip_requirements,
+    )
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str):
+    """The model version behind ``alias``, or None."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def load_version(client: MlflowClient, name: str, version: str) -> LoadedModel:
+    """Download one registered version and load it."""
+    source = client.get_model_version(name, version).source
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)
+        return read_model_dir(Path(local), version)
+
+
+def promote(client: MlflowClient, name: str, version: str) -> str | None:
+    """Point ``production`` at ``version``; the replaced version becomes ``previous``. Returns it."""
+    current = version_by_alias(client, name, PRODUCTION)
+    if current is not None and current.version != str(version):
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+    client.set_registered_model_alias(name, PRODUCTION, str(version))
+    return current.version if current is not None else None
+
+
+def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
+    """Swap ``production`` and ``previous``; returns (new production, new previous)."""
+    current = version_by_alias(client, name, PRODUCTION)
+    previous = version_by_alias(client, name, PREVIOUS)
+    if current is None or previous is None:
+        raise RuntimeError(f"rollback needs both @{PRODUCTION} and @{PREVIOUS} on model {name!r}")
+    client.set_registered_model_alias(name, PRODUCTION, previous.version)
+    client.set_registered_model_alias(name, PREVIOUS, current.version)
+    return previous.version, current.version
+
+
+def prune_versions(client: MlflowClient, name: str, keep: int) -> list[str]:
+    """Delete the oldest versions beyond the newest ``keep``, never an aliased one; returns the deleted."""
+    versions = sorted(
+        client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version), reverse=True
+    )
+    aliased = set(client.get_registered_model(name).aliases.values())
+    deleted = []
+    for version in versions[keep:]:
+        if version.version not in aliased:
+            client.delete_model_version(name, version.version)
+            deleted.append(version.version)
+    return deleted

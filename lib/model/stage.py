@@ -1,0 +1,211 @@
+"""The train stage: tune the head, retrain the best configuration, evaluate, register, promote if better.
+
+load_dataset → tune_head (Ray Tune, trials nested in one MLflow parent run) → fit_and_test + ablation on
+the held-out test split → model card + files → MLflow registry → promote_if_better (production re-scored
+on the same split). ``jobs/train.py`` is its command line; ``jobs/pipeline.py`` runs it after embed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from PIL import Image
+
+from lib.data.rakuten import class_name
+from lib.model import metrics, registry
+from lib.model.artifact import write_model_dir
+from lib.model.dataset import Dataset, load_dataset
+from lib.model.evaluate import (
+    FittedHead,
+    PromotionDecision,
+    evaluate_ablation,
+    fit_and_test,
+    promote_if_better,
+)
+from lib.model.split import TEST, TRAIN
+from lib.model.train import TrainConfig
+from lib.model.tune import TuneResult, close_stopped_trials, tune_head
+from lib.ops.provenance import git_sha
+from lib.settings import Settings
+
+# Packages a registered pyfunc model needs to load (recorded with the model in MLflow).
+MODEL_REQUIREMENTS = ("torch", "numpy", "mlflow")
+
+
+@dataclass
+class TrainOutcome:
+    """What the train stage did: skipped (and why), or the registered version and the promotion decision."""
+
+    skipped: bool
+    reason: str = ""
+    run_id: str | None = None
+    version: str | None = None
+    test: dict[str, float] = field(default_factory=dict)
+    ablation: dict[str, float] = field(default_factory=dict)  # ablation row → test F1-macro
+    best: TuneResult | None = None
+    decision: PromotionDecision | None = None
+    tune_seconds: float = 0.0
+    lineage: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The JSON the pipeline record keeps."""
+        if self.skipped:
+            return {"skipped": True, "reason": self.reason}
+        return {
+            "version": self.version,
+            "run_id": self.run_id,
+            "test": self.test,
+            "ablation": self.ablation,
+            "promoted": self.decision.promoted,
+            "reason": self.decision.reason,
+            "tune_seconds": round(self.tune_seconds, 1),
+        }
+
+
+def run_train_stage(
+    settings: Settings, s3, trials: int | None = None, max_epochs: int | None = None, force: bool = False
+) -> TrainOutcome:
+    """The train stage on the current catalogue (Ray must be connected: trials are Ray Tune actors)."""
+    trials = trials or settings.tune_trials
+    max_epochs = max_epochs or settings.tune_max_epochs
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    client = MlflowClient(settings.mlflow_uri)
+    data, lineage = load_dataset(s3, settings)
+    if len(data.y) == 0 or min(data.counts().values()) == 0:
+        raise RuntimeError(f"not enough labelled, embedded products to train: split counts {data.counts()}")
+    production = registry.version_by_alias(client, settings.registered_model_name, registry.PRODUCTION)
+    if production is not None and not force:
+        card = registry.load_version(client, settings.registered_model_name, production.version).card
+        if card.get("data_fingerprint") == data.fingerprint:
+            return TrainOutcome(True, f"embeddings unchanged since production v{production.version}")
+
+    # Created here, in the driver, before any trial touches the tracking store (concurrent first use fails).
+    experiment = mlflow.set_experiment(settings.mlflow_experiment)
+    t0 = time.monotonic()
+    with mlflow.start_run(run_name="tune-fusion") as parent:
+        sha = git_sha(settings)
+        _log_inputs(settings, data, lineage, sha, trials, max_epochs)
+        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id, trials, max_epochs)
+        close_stopped_trials(client, experiment.experiment_id, parent.info.run_id)
+        tune_seconds = time.monotonic() - t0
+        mlflow.log_params({f"best_{k}": v for k, v in best.config.items()})
+        mlflow.log_metrics({"best_val_f1_macro": best.val_f1_macro, "tune_seconds": tune_seconds,
+                            "trials_stopped_early": best.stopped_early})  # fmt: skip
+        base = TrainConfig(
+            max_epochs=max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
+        )
+        # Retrain the best configuration (seeded: the same run as the trial); calibrated on val, judged
+        # on test.
+        head = fit_and_test(data, best.config, base)
+        ablation = evaluate_ablation(data, best.config, base, head.report)
+        _log_evaluation(data, head, ablation)
+        card = model_card(settings, data, lineage, head, sha, parent.info.run_id)
+        version = _register(settings, client, data, head, card)
+        candidate_f1 = head.report["f1_macro"]
+        decision = promote_if_better(client, settings, data, version, candidate_f1, production)
+        _log_decision(decision)
+    return TrainOutcome(
+        skipped=False,
+        run_id=parent.info.run_id,
+        version=version,
+        test=card["test_metrics"],
+        ablation={m: v["f1_macro"] for m, v in ablation.items()},
+        best=best,
+        decision=decision,
+        tune_seconds=tune_seconds,
+        lineage=lineage,
+    )
+
+
+def _log_inputs(
+    settings: Settings, data: Dataset, lineage: dict, sha: str, trials: int, max_epochs: int
+) -> None:
+    mlflow.set_tags({"git_sha": sha, "data_fingerprint": data.fingerprint, "stage": "train"})
+    params = {"trials": trials, "max_epochs": max_epochs, "split_seed": settings.split_seed,
+              "tune_seed": settings.tune_seed, "encoder_set_id": lineage["encoder_set_id"]}  # fmt: skip
+    mlflow.log_params(params)
+    mlflow.log_dict(lineage, "lineage.json")
+    mlflow.log_metrics({"products": lineage["products"], "imbalance_ratio": lineage["imbalance_ratio"],
+                        **{f"n_{k}": v for k, v in lineage["split_counts"].items()}})  # fmt: skip
+
+
+def _log_evaluation(data: Dataset, head: FittedHead, ablation: dict[str, dict]) -> None:
+    """Test metrics, calibration, ablation, per-class table and confusion matrix of the chosen head."""
+    report, (_, _, y_test) = head.report, data.part(TEST)
+    mlflow.log_metrics(_calibration(report))
+    mlflow.log_metrics({f"test_{k}": report[k] for k in ("f1_macro", "f1_weighted", "accuracy")})
+    mlflow.log_metrics({f"ablation_{m}_test_f1_macro": v["f1_macro"] for m, v in ablation.items()})
+    mlflow.log_dict(ablation, "ablation.json")
+    per_class = metrics.per_class(y_test, head.predicted, data.codes, [class_name(c) for c in data.codes])
+    mlflow.log_table(per_class, "per_class_test.json")
+    mlflow.log_text(per_class.to_csv(index=False), "per_class_test.csv")
+    confusion = metrics.confusion_png(y_test, head.predicted, data.codes)
+    mlflow.log_image(Image.open(io.BytesIO(confusion)), "confusion_matrix.png")
+
+
+def _calibration(report: dict) -> dict[str, float]:
+    return {"temperature": report["temperature"], "test_ece_before": report["ece_before"],
+            "test_ece_after": report["ece_after"]}  # fmt: skip
+
+
+def model_card(
+    settings: Settings, data: Dataset, lineage: dict, head: FittedHead, sha: str, parent_run_id: str
+) -> dict:
+    """The card registered with the model: label map, architecture, encoders, split, lineage, scores."""
+    train_counts = np.bincount(data.part(TRAIN)[2], minlength=len(data.codes))
+    return {
+        "codes": data.codes,
+        "class_names": {str(c): class_name(c) for c in data.codes},
+        "model_config": head.model_config.to_dict(),
+        "train_config": asdict(head.train_config),
+        "encoder_set_id": lineage["encoder_set_id"],
+        "text_encoder": lineage["text_encoder"],
+        "image_encoder": lineage["image_encoder"],
+        "split": {
+            "seed": settings.split_seed,
+            "val_fraction": settings.val_fraction,
+            "test_fraction": settings.test_fraction,
+        },
+        "batch_ids": lineage["batch_ids"],
+        "data_fingerprint": data.fingerprint,
+        "git_sha": sha,
+        "test_metrics": {k: head.report[k] for k in ("f1_macro", "f1_weighted", "accuracy")},
+        "temperature": head.report["temperature"],
+        "calibration": _calibration(head.report),
+        "class_counts_train": {str(data.codes[i]): int(n) for i, n in enumerate(train_counts)},
+        "best_epoch": head.result.best_epoch,
+        "parent_run_id": parent_run_id,
+    }
+
+
+def _register(settings: Settings, client: MlflowClient, data: Dataset, head: FittedHead, card: dict) -> str:
+    """Log the model's files in the active run and register them; returns the new version."""
+    name = settings.registered_model_name
+    with tempfile.TemporaryDirectory() as tmp:
+        lexical = data.lexical_features if head.model_config.uses_lexical else None
+        model_dir = write_model_dir(Path(tmp) / "model", head.result.state_dict, card, lexical)
+        requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in MODEL_REQUIREMENTS]
+        info = registry.log_model(model_dir, card, requirements)
+    version = mlflow.register_model(
+        info.model_uri, name, tags={"git_sha": card["git_sha"], "data_fingerprint": data.fingerprint}
+    ).version
+    client.set_model_version_tag(name, version, "test_f1_macro", f"{card['test_metrics']['f1_macro']:.4f}")
+    client.set_model_version_tag(name, version, "batch_ids", json.dumps(card["batch_ids"]))
+    return version
+
+
+def _log_decision(decision: PromotionDecision) -> None:
+    mlflow.log_dict(decision.to_dict(), "promotion.json")
+    mlflow.set_tag("promotion", "promoted" if decision.promoted else "rejected")
+    mlflow.log_metric("promoted", float(decision.promoted))
+    if decision.production_test_f1_macro_rescored is not None:
+        mlflow.log_metric("production_test_f1_macro_rescored", decision.production_test_f1_macro_rescored)

@@ -1,0 +1,175 @@
+"""Hyper-parameter search of the fusion head: Ray Tune, OptunaSearch (TPE) and ASHA; every trial in MLflow.
+
+A trial is ``lib.model.train.train_model`` with sampled values; it reports each epoch to Tune (for ASHA)
+and to its own MLflow run, nested under the stage's parent run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import optuna
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from lib.model.dataset import Dataset
+from lib.model.train import TrainConfig, configs_from_trial, train_model
+from lib.settings import Settings
+
+TARGET = "val_f1_macro"
+# Width of the TF-IDF projection into the MLP (0: none). Wider ones cost much more time and, on the real
+# sample, scored no better (README, "Model quality").
+LEXICAL_PROJECTIONS = [0, 32, 64, 128]
+# The first trial: a sensible default, so even a short search starts from a working configuration.
+DEFAULT_TRIAL = {"lr": 2e-3, "dropout": 0.3, "weight_decay": 1e-2, "batch_size": 64, "hidden1": 512,
+                 "hidden2": 256, "hidden3": 128, "activation": "gelu", "lexical_proj": 64,
+                 "lexical_wide": True}  # fmt: skip
+
+
+@dataclass
+class TuneResult:
+    """What a search found: the best trial's configuration and how the search went."""
+
+    config: dict
+    val_f1_macro: float  # the best trial's best validation F1-macro over its epochs
+    trials: int
+    configs: list[dict]  # every trial's configuration, in trial order
+    stopped_early: int  # trials that ASHA stopped before max_epochs
+
+
+def search_space(lexical: bool) -> dict:
+    """Ray Tune search space of the fusion head (with the lexical branch's width if the data has it)."""
+    space = {
+        "lr": tune.loguniform(1e-5, 1e-2),
+        "dropout": tune.uniform(0.1, 0.6),
+        "weight_decay": tune.loguniform(1e-4, 1e-1),
+        "batch_size": tune.choice([64, 128, 256]),
+        "hidden1": tune.choice([256, 512, 1024]),
+        "hidden2": tune.choice([128, 256, 512]),
+        "hidden3": tune.choice([64, 128, 256]),
+        "activation": tune.choice(["relu", "gelu", "silu"]),
+    }
+    if not lexical:
+        return space
+    # Both off = the dense fusion head: the search decides whether the lexical branch pays.
+    return space | {
+        "lexical_proj": tune.choice(LEXICAL_PROJECTIONS),
+        "lexical_wide": tune.choice([True, False]),
+    }
+
+
+def default_trial(space: dict) -> dict:
+    """DEFAULT_TRIAL restricted to the keys of ``space``."""
+    return {k: v for k, v in DEFAULT_TRIAL.items() if k in space}
+
+
+def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings) -> None:
+    """One Tune trial: train with the sampled values, report every epoch to Tune and MLflow."""
+    torch.set_num_threads(1)  # trials run side by side; one thread each avoids oversubscription
+    client = MlflowClient(settings.mlflow_uri)
+    trial_id = tune.get_context().get_trial_id()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"trial-{trial_id}",
+        tags={"mlflow.parentRunId": parent_run_id, "tune_trial_id": trial_id},
+    )
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
+    base = TrainConfig(
+        max_epochs=settings.tune_max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
+    )
+    model_config, train_config = configs_from_trial(
+        config, data.text.shape[1], data.image.shape[1], len(data.codes), base, lexical_dim=data.lexical_dim
+    )
+
+    def report(m: dict) -> None:
+        now, step = int(time.time() * 1000), int(m["epoch"])
+        metrics = [Metric(k, float(v), now, step) for k, v in m.items() if k != "epoch"]
+        client.log_batch(run.info.run_id, metrics)
+        tune.report(m)
+
+    result = train_model(data, model_config, train_config, on_epoch=report)
+    client.log_metric(run.info.run_id, "best_val_f1_macro", result.best_val["val_f1_macro"])
+    client.set_terminated(run.info.run_id)
+
+
+def make_scheduler(name: str, max_epochs: int, settings: Settings) -> TrialScheduler:
+    """``asha``: stop weak trials early (grace and reduction factor from settings); ``fifo``: never stop."""
+    if name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        max_t=max_epochs,
+        grace_period=min(settings.tune_grace_epochs, max_epochs),
+        reduction_factor=settings.tune_reduction_factor,
+    )
+
+
+def tune_head(
+    settings: Settings,
+    data: Dataset,
+    parent_run_id: str,
+    experiment_id: str,
+    trials: int,
+    max_epochs: int,
+    scheduler: str = "asha",
+    replay: list[dict] | None = None,
+) -> TuneResult:
+    """Run the search; the best trial is the one with the best val F1-macro over its epochs.
+
+    ``replay``: run exactly these configurations, in order, instead of searching (``trials`` is then
+    their number). The benchmark's FIFO baseline replays ASHA's trials so that the two schedulers train
+    the same configurations: TPE fed with truncated results would otherwise sample different ones.
+    """
+    space = search_space(lexical=data.lexical_dim > 0)
+    points = replay if replay is not None else [default_trial(space)]
+    search = OptunaSearch(
+        sampler=optuna.samplers.TPESampler(seed=settings.tune_seed), points_to_evaluate=points
+    )
+    trial_settings = settings.model_copy(update={"tune_max_epochs": max_epochs})
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_fn,
+            # Trials read the TF-IDF rows, not the fitted vectorizers (vocabularies): leave those out.
+            data=replace(data, lexical_features=None),
+            parent_run_id=parent_run_id,
+            experiment_id=experiment_id,
+            settings=trial_settings,
+        ),
+        {"cpu": 1},
+    )
+    tune_config = tune.TuneConfig(
+        metric=TARGET,
+        mode="max",
+        search_alg=search,
+        scheduler=make_scheduler(scheduler, max_epochs, settings),
+        num_samples=len(replay) if replay is not None else trials,
+        # A trial's process starts once and serves the next trials: no interpreter + torch import per
+        # trial, which costs a short (ASHA-stopped) trial about as much as its training.
+        reuse_actors=True,
+    )
+    run_config = tune.RunConfig(
+        name=f"fusion-{parent_run_id[:8]}", storage_path=str(settings.state_dir / "tune"), verbose=1
+    )
+    results = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
+    best = results.get_best_result(metric=TARGET, mode="max", scope="all")
+    return TuneResult(
+        config=best.config,
+        val_f1_macro=float(best.metrics_dataframe[TARGET].max()),
+        trials=len(results),
+        configs=[r.config for r in results],
+        stopped_early=sum(len(r.metrics_dataframe) < max_epochs for r in results),
+    )
+
+
+def close_stopped_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
+    """Trials that ASHA stopped never reach set_terminated: mark them so the UI does not show them running."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, "stopped_by", "asha")
+        client.set_terminated(run.info.run_id, "KILLED")

@@ -1,0 +1,1 @@
+"""Running it: the local stack, pipeline records, the prediction log, drift, provenance."""

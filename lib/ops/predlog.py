@@ -1,0 +1,242 @@
+"""The prediction log: one row per served prediction, appended to the lake in small Parquet files.
+
+Layout: one Parquet file per flush, by UTC day (``lib.data.layout.prediction_key``). A row holds what
+monitoring needs (time, model version, modalities present, predicted code, confidence, abstention,
+top-5, both embeddings for drift) and a SHA-256 of the cleaned inputs, never the raw text. Writing is
+asynchronous and best-effort: :class:`PredictionLogWriter` buffers rows in memory and flushes them from
+a background thread, so logging never slows or fails a request; when S3 is down rows wait (bounded)
+and are retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from lib.data.layout import PREDICTIONS, prediction_day_of, prediction_day_prefix, prediction_key
+from lib.data.storage import get_table, list_keys, list_prefixes
+from lib.settings import Settings
+
+TOP_K = 5
+COLUMNS = [
+    "timestamp", "model_name", "model_version", "has_text", "has_image", "prdtypecode", "confidence",
+    "abstained", "top5_codes", "top5_scores", "text_emb", "image_emb", "input_hash",
+]  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+
+def input_hash(designation: str, description: str, image: bytes | None) -> str:
+    """SHA-256 of the cleaned text fields and the image bytes (identifies an input without storing it)."""
+    digest = hashlib.sha256()
+    digest.update(designation.encode())
+    digest.update(b"\x1f")
+    digest.update(description.encode())
+    digest.update(b"\x1f")
+    digest.update(image or b"")
+    return digest.hexdigest()
+
+
+def log_row(
+    prediction: dict,
+    text_emb: np.ndarray,
+    image_emb: np.ndarray,
+    has_text: bool,
+    has_image: bool,
+    hash_hex: str,
+    timestamp: datetime | None = None,
+) -> dict:
+    """One log row from a served prediction and its inputs.
+
+    ``prediction`` holds ``prdtypecode``, ``confidence``, ``abstained``, ``model_name``,
+    ``model_version`` and ``top5`` (a list of ``{"prdtypecode", "score", ...}``).
+    """
+    top = prediction["top5"]
+    return {
+        "timestamp": timestamp or datetime.now(UTC),
+        "model_name": prediction["model_name"],
+        "model_version": str(prediction["model_version"]),
+        "has_text": bool(has_text),
+        "has_image": bool(has_image),
+        "prdtypecode": int(prediction["prdtypecode"]),
+        "confidence": float(prediction["confidence"]),
+        "abstained": bool(prediction["abstained"]),
+        "top5_codes": [int(t["prdtypecode"]) for t in top],
+        "top5_scores": [float(t["score"]) for t in top],
+        "text_emb": np.asarray(text_emb, np.float32),
+        "image_emb": np.asarray(image_emb, np.float32),
+        "input_hash": hash_hex,
+    }
+
+
+def _vectors(rows: list[dict], column: str) -> pa.Array:
+    matrix = np.stack([r[column] for r in rows]).astype(np.float32, copy=False)  # (n, dim)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Log rows (same embedding sizes) → an Arrow table with the log schema."""
+    return pa.table(
+        {
+            "timestamp": pa.array([r["timestamp"] for r in rows], pa.timestamp("us", tz="UTC")),
+            "model_name": pa.array([r["model_name"] for r in rows], pa.string()),
+            "model_version": pa.array([r["model_version"] for r in rows], pa.string()),
+            "has_text": pa.array([r["has_text"] for r in rows], pa.bool_()),
+            "has_image": pa.array([r["has_image"] for r in rows], pa.bool_()),
+            "prdtypecode": pa.array([r["prdtypecode"] for r in rows], pa.int64()),
+            "confidence": pa.array([r["confidence"] for r in rows], pa.float32()),
+            "abstained": pa.array([r["abstained"] for r in rows], pa.bool_()),
+            "top5_codes": pa.array([r["top5_codes"] for r in rows], pa.list_(pa.int64())),
+            "top5_scores": pa.array([r["top5_scores"] for r in rows], pa.list_(pa.float32())),
+            "text_emb": _vectors(rows, "text_emb"),
+            "image_emb": _vectors(rows, "image_emb"),
+            "input_hash": pa.array([r["input_hash"] for r in rows], pa.string()),
+        }
+    )
+
+
+def group_rows(rows: Iterable[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by (UTC date, text dim, image dim): each group becomes one file."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["timestamp"].astimezone(UTC).date(), len(row["text_emb"]), len(row["image_emb"]))
+        groups.setdefault(key, []).append(row)
+    return groups
+
+
+def read_predictions(
+    client, settings: Settings, since: datetime | None = None, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """Logged predictions at or after ``since`` (UTC; all when None), oldest first."""
+    wanted = list(columns) if columns is not None else list(COLUMNS)
+    read_columns = wanted if "timestamp" in wanted else ["timestamp", *wanted]
+    since_utc = None
+    if since is not None:  # naive datetimes are taken as UTC
+        since_utc = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+    first_day = prediction_day_of(prediction_day_prefix(since_utc)) if since_utc is not None else ""
+    prefixes = [
+        p
+        for p in list_prefixes(client, settings.bucket_lake, PREDICTIONS)
+        if prediction_day_of(p) >= first_day
+    ]
+    keys = [k for p in prefixes for k in list_keys(client, settings.bucket_lake, p) if k.endswith(".parquet")]
+    if not keys:
+        return pd.DataFrame(columns=wanted)
+    with ThreadPoolExecutor(settings.upload_threads) as pool:
+        tables = list(pool.map(lambda k: get_table(client, settings.bucket_lake, k, read_columns), keys))
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    if since_utc is not None:
+        frame = frame[frame["timestamp"] >= pd.Timestamp(since_utc)]
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)[wanted]
+
+
+class PredictionLogWriter:
+    """Buffers log rows and writes them from a background thread (every ``flush_rows`` or ``flush_s``).
+
+    ``write(key, table)`` stores one file. :meth:`add` only appends under a lock: it never blocks on I/O
+    and never raises. A failed write keeps its rows (retried on the next tick); beyond
+    ``max_buffer_rows`` the oldest rows are dropped and counted in :attr:`dropped`.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[str, pa.Table], None],
+        flush_rows: int,
+        flush_s: float,
+        max_buffer_rows: int,
+    ) -> None:
+        self._write = write
+        self.flush_rows = max(1, flush_rows)
+        self.flush_s = flush_s
+        self.max_buffer_rows = max(self.flush_rows, max_buffer_rows)
+        self._rows: deque[dict] = deque()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def add(self, rows: Iterable[dict]) -> None:
+        """Queue rows for writing (cheap; safe from any thread)."""
+        with self._lock:
+            self._rows.extend(rows)
+            self._trim()
+            full = len(self._rows) >= self.flush_rows
+        if full:
+            self._wake.set()
+
+    def _trim(self) -> None:
+        """Drop the oldest rows beyond the bound (caller holds the lock)."""
+        while len(self._rows) > self.max_buffer_rows:
+            self._rows.popleft()
+            self.dropped += 1
+
+    def flush(self) -> int:
+        """Write every buffered row now (files of at most ``flush_rows``); returns the rows written.
+
+        Stops at the first failure and puts the unwritten rows back at the front of the buffer.
+        """
+        written = 0
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    chunk = [self._rows.popleft() for _ in range(min(self.flush_rows, len(self._rows)))]
+                if not chunk:
+                    return written
+                groups = list(group_rows(chunk).values())
+                for i, rows in enumerate(groups):
+                    try:
+                        self._write(prediction_key(rows[0]["timestamp"]), rows_to_table(rows))
+                    except Exception as exc:  # S3 down, network...: keep the rows for the next attempt
+                        self._requeue([r for g in groups[i:] for r in g], exc)
+                        return written
+                    written += len(rows)
+                    self.written += len(rows)
+
+    def _requeue(self, rows: list[dict], exc: Exception) -> None:
+        with self._lock:
+            self._rows.extendleft(reversed(rows))
+            self._trim()
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        logger.warning("prediction log: write failed (%s); %d rows kept", self.last_error, self.pending)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            self.flush()
+        self.flush()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the background thread after a last flush attempt (waits at most ``timeout_s``)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def stats(self) -> dict:
+        return {
+            "written": self.written,
+            "pending": self.pending,
+            "dropped": self.dropped,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }

@@ -1,0 +1,49 @@
+"""The watcher's plan and the pipeline record (pure)."""
+
+from lib.ops.pipeline import ARCHIVE_DUPLICATE, GIVE_UP, SUBMIT, SUCCEEDED, WAIT, pending_stages, plan
+
+
+def test_new_zips_are_submitted_one_at_a_time_in_arrival_order():
+    actions = plan([("a.zip", "b1"), ("b.zip", "b2")], {}, max_retries=1)
+    assert actions == [(SUBMIT, "a.zip", "pipeline-b1"), (WAIT, "b.zip", "")]
+
+
+def test_a_running_pipeline_blocks_new_submissions():
+    actions = plan([("b.zip", "b2")], {"pipeline-b1": "RUNNING"}, max_retries=1)
+    assert actions == [(WAIT, "b.zip", "")]
+
+
+def test_same_content_under_another_name_is_archived_not_rerun():
+    jobs = {"pipeline-b1": "SUCCEEDED"}
+    assert plan([("copy.zip", "b1")], jobs, 1) == [(ARCHIVE_DUPLICATE, "copy.zip", "pipeline-b1")]
+
+
+def test_two_copies_arriving_together_wait_for_the_single_pipeline():
+    actions = plan([("a.zip", "b1"), ("a-copy.zip", "b1")], {"pipeline-b1": "RUNNING"}, 1)
+    assert actions == [(WAIT, "a.zip", "pipeline-b1"), (WAIT, "a-copy.zip", "pipeline-b1")]
+
+
+def test_failed_pipeline_is_retried_then_given_up():
+    assert plan([("a.zip", "b1")], {"pipeline-b1": "FAILED"}, 1) == [(SUBMIT, "a.zip", "pipeline-b1-retry1")]
+    jobs = {"pipeline-b1": "FAILED", "pipeline-b1-retry1": "FAILED"}
+    assert plan([("a.zip", "b1")], jobs, 1) == [(GIVE_UP, "a.zip", "pipeline-b1-retry1")]
+
+
+def test_watcher_restart_does_not_resubmit():
+    # A new watcher process sees the cluster's job table: the same content maps to the same job id.
+    jobs = {"pipeline-b1": "RUNNING", "watcher-1": "STOPPED"}
+    assert plan([("a.zip", "b1")], jobs, 1)[0][0] == WAIT
+
+
+def test_pending_stages_resume_from_the_failed_stage():
+    record = {
+        "stages": {
+            "ingest": {"status": SUCCEEDED},
+            "embed": {"status": SUCCEEDED},
+            "train": {"status": "failed"},
+        }
+    }
+    assert pending_stages(record) == ["train"]
+    assert pending_stages({"stages": {}}) == ["ingest", "embed", "train"]
+    record["stages"]["train"]["status"] = SUCCEEDED
+    assert pending_stages(record) == []

@@ -1,0 +1,159 @@
+"""The local stack against its real services: S3 (SeaweedFS), MLflow server, Ray head."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from botocore.exceptions import ClientError
+from pydantic import SecretStr
+
+from lib.data.storage import arrow_fs, get_bytes, put_bytes, read_object, s3_client
+from lib.ops import stack as stack_mod
+from lib.settings import PROJECT_ROOT
+
+
+def test_every_service_is_healthy(stack):
+    rows = {row["name"]: row for row in stack_mod.status(stack)}
+    assert set(rows) == {"s3", "mlflow", "ray", "dash"}
+    core = [rows[name] for name in stack_mod.CORE_SERVICES]
+    assert all(row["healthy"] and row["pid"] for row in core), rows
+    # Loopback only.
+    assert all("127.0.0.1" in row["url"] for row in rows.values())
+
+
+def test_up_twice_starts_no_duplicates(stack):
+    before = {row["name"]: row["pid"] for row in stack_mod.status(stack)}
+    lines: list[str] = []
+    stack_mod.up(stack, list(stack_mod.CORE_SERVICES), echo=lines.append)
+    after = {row["name"]: row["pid"] for row in stack_mod.status(stack)}
+    assert before == after
+    assert all("already running" in line for line in lines)
+
+
+def test_s3_down_stops_its_process_and_up_keeps_the_data(stack, s3):
+    put_bytes(s3, stack.bucket_lake, "probe/keep.txt", b"survives a restart")
+    pid = next(r["pid"] for r in stack_mod.status(stack) if r["name"] == "s3")
+    stack_mod.down(stack, ["s3"], echo=lambda *_: None)
+    assert not stack_mod.port_in_use(stack.host, stack.s3_port)
+    assert not any(r["pid"] for r in stack_mod.status(stack) if r["name"] == "s3")
+    stack_mod.up(stack, ["s3"], echo=lambda *_: None)
+    assert next(r["pid"] for r in stack_mod.status(stack) if r["name"] == "s3") != pid
+    assert get_bytes(s3_client(stack), stack.bucket_lake, "probe/keep.txt") == b"survives a restart"
+
+
+def test_up_refuses_a_port_taken_by_a_foreign_process(stack, tmp_path):
+    foreign = stack.model_copy(update={"state_dir": tmp_path, "mlflow_port": stack.s3_port})
+    with pytest.raises(RuntimeError, match=f"port {stack.s3_port}"):
+        stack_mod.up(foreign, ["mlflow"], echo=lambda *_: None)
+
+
+def test_buckets_exist(s3, stack):
+    names = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    assert set(stack.buckets) <= names
+
+
+def test_boto3_and_pyarrow_round_trip(s3, stack):
+    put_bytes(s3, stack.bucket_lake, "probe/hello.bin", b"\x00\x01bonjour")
+    assert get_bytes(s3, stack.bucket_lake, "probe/hello.bin") == b"\x00\x01bonjour"
+    table = pa.table({"productid": [1, 2, 3], "v": [0.5, 1.5, 2.5]})
+    fs = arrow_fs(stack)
+    pq.write_table(table, f"{stack.bucket_lake}/probe/t.parquet", filesystem=fs)
+    assert pq.read_table(f"{stack.bucket_lake}/probe/t.parquet", filesystem=fs).equals(table)
+    assert read_object(fs, stack.bucket_lake, "probe/hello.bin") == b"\x00\x01bonjour"  # same bytes, C++ path
+
+
+def test_wrong_keys_are_refused(stack):
+    bad = stack.model_copy(update={"s3_secret_key": SecretStr("not-the-key")})
+    with pytest.raises(ClientError) as err:
+        s3_client(bad).get_object(Bucket=stack.bucket_lake, Key="probe/hello.bin")
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_mlflow_run_registry_and_alias(stack):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    experiment = mlflow.set_experiment("stack-probe")
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.log_metric("f1_macro", 0.5)
+        mlflow.log_text("artifact stored in S3", "probe.txt")
+    client = MlflowClient(stack.mlflow_uri)
+    assert client.get_run(run.info.run_id).data.metrics["f1_macro"] == 0.5
+    assert client.download_artifacts(run.info.run_id, "probe.txt")  # round-trips through S3
+    client.create_registered_model("stack-probe-model")
+    version = client.create_model_version(
+        "stack-probe-model", f"runs:/{run.info.run_id}/probe.txt", run.info.run_id
+    )
+    client.set_registered_model_alias("stack-probe-model", "production", version.version)
+    assert client.get_model_version_by_alias("stack-probe-model", "production").version == version.version
+    # The artifact really lives in the S3 bucket.
+    keys = [
+        o["Key"] for o in s3_client(stack).list_objects_v2(Bucket=stack.bucket_mlflow).get("Contents", [])
+    ]
+    assert any(k.endswith("probe.txt") for k in keys)
+
+
+def test_ray_task_runs_on_the_head(ray_cluster):
+    @ray_cluster.remote
+    def square(x: np.ndarray) -> float:
+        return float((x**2).sum())
+
+    assert ray_cluster.get(square.remote(np.arange(4))) == 14.0
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+
+
+def test_ray_job_submit_succeeds_and_status_is_checked(stack):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", stack.ray_dashboard_url,
+        "--runtime-env", "runtime_env.yaml", "--",
+        "python", "-c", "import lib.settings, os; print('job sees S3 port', os.environ['RAKUTEN_S3_PORT'])",
+    ]  # fmt: skip
+    out = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"job sees S3 port {stack.s3_port}" in out.stdout
+    client = JobSubmissionClient(stack.ray_dashboard_url)
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    deadline = time.monotonic() + 30
+    while client.get_job_status(jobs[-1].submission_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert client.get_job_status(jobs[-1].submission_id) == JobStatus.SUCCEEDED
+
+
+def test_secrets_are_not_printed(stack):
+    text = repr(stack) + str(stack.model_dump())
+    assert stack.s3_secret_key.get_secret_value() not in text
+
+
+def test_bad_object_uri_is_a_clear_error():
+    from lib.data.storage import split_uri
+
+    assert split_uri("s3://incoming/a/b.zip") == ("incoming", "a/b.zip")
+    with pytest.raises(ValueError, match="s3://bucket/key"):
+        split_uri("s3://incoming")
+
+
+def test_ray_head_gets_serves_lean_flags_unless_turned_off(settings, ray_cluster):
+    @ray_cluster.remote
+    def worker_env(name: str) -> str | None:
+        import os
+
+        return os.environ.get(name)
+
+    # Serve's processes are Ray workers: they inherit the head's environment.
+    assert ray_cluster.get(worker_env.remote("RAY_SERVE_USE_GRPC_BY_DEFAULT")) == "1"
+    flags = stack_mod._ray_service(settings).env
+    assert flags["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+    assert flags["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in flags  # it would move the ingress off serve_port
+    off = settings.model_copy(update={"serve_lean_runtime": False})
+    assert stack_mod._ray_service(off).env == {}
