@@ -1,16 +1,18 @@
-"""Model quality: what the lexical (TF-IDF) branch adds, on held-out test splits of several split seeds.
+"""Model quality: the head the pipeline promotes by default against scikit-learn anchors, same splits.
 
-The real sample (``RAKUTEN_REAL_DATA``) and a generated one (sanity, not a target) are ingested and
-embedded once by the real jobs in a stack of the benchmark's own. Then, per split seed: the TF-IDF block
-is fitted on that seed's training split, the head is tuned there (OptunaSearch + ASHA, as the train job
-does), and every ablation head is trained with the best configuration: text-only, image-only, lexical-only,
-dense fusion, dense fusion + lexical. Printed: test F1-macro, weighted F1 and expected calibration error
-(before / after temperature scaling fitted on validation) per head and seed, then mean ± std over seeds
-and the gain of the lexical branch over dense fusion on the same split. On the real sample, F1-macro on
-the test products that have both a text and an image is shown too (the subset most papers report).
+The real sample (``RAKUTEN_REAL_DATA``) is ingested and embedded once by the real jobs in a stack of the
+benchmark's own. Then, per split seed, on the same train / validation / test split:
 
-Serving cost of the branch: p50 / p99 latency of one single-product prediction (texts → TF-IDF → head)
-against the dense head, in process: the only work the branch adds to a request.
+- **default**: exactly what the train stage does with the default settings (``lib.model.stage``: the
+  dataset with its TF-IDF block, the Ray Tune search of ``settings.head_kind``, the best configuration
+  fitted without the test split), scored on the test split, with its ablation rows;
+- anchors, each tuned on the validation split: (i) LogisticRegression on the TF-IDF block (the same
+  features: word 1–2 + char 2–5 grams of title + description, and a title block), (ii) LogisticRegression
+  on the two embeddings concatenated, (iii) their late fusion, the weight chosen on validation.
+
+Printed: F1-macro and weighted F1 per seed, overall and on the test products with both a text and an
+image, then mean ± std; each target with ✓/✗ (default ≥ anchor (iii) + 0.02, default ≥ 0.75, ECE after
+temperature ≤ 0.05); and the cost the head adds to a one-product request (p50 / p99).
 """
 
 from __future__ import annotations
@@ -18,137 +20,183 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from benchmarks.bench_train import load_catalogue
 from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
-from lib.data.sample import SampleSpec, write_sample_zip
 from lib.data.storage import s3_client
 from lib.model import metrics
-from lib.model.dataset import load_dataset
-from lib.model.evaluate import ablation_variants, fit_and_test
+from lib.model.dataset import Dataset, load_dataset
+from lib.model.evaluate import FittedHead
+from lib.model.experts import Inputs
 from lib.model.metrics import ABLATION_ROWS
-from lib.model.network import load_trained, predict_logits
-from lib.model.split import TEST
-from lib.model.train import TrainConfig
+from lib.model.split import TEST, TRAIN, VAL
+from lib.model.stage import fit_best
 from lib.model.tune import tune_head
 from lib.settings import Settings
 
-TARGET_F1 = 0.72
-TARGET_GAIN = 0.04
-LATENCY_CALLS = 200
+TARGET_F1 = 0.75
+TARGET_MARGIN = 0.02
+TARGET_ECE = 0.05
+TARGET_LATENCY_MS = 5.0
+LATENCY_CALLS = 300
+ANCHOR_C = {"lexical": (3.0, 10.0, 30.0), "dense": (0.3, 1.0, 3.0)}
+FUSION_GRID = np.linspace(0.0, 1.0, 11)
 
 
-def evaluate_seed(settings: Settings, seed: int, trials: int) -> tuple[dict[str, dict], dict]:
-    """Tune on this split seed and score every ablation head on its test split."""
+@dataclass
+class SeedResult:
+    default: dict[str, dict]  # ablation row → metrics (fusion_lexical: the promoted head itself)
+    anchors: dict[str, dict]  # anchor → metrics
+    best: dict
+    head: FittedHead
+    data: Dataset
+
+
+def scores(y: np.ndarray, predicted: np.ndarray, paired: np.ndarray) -> dict[str, float]:
+    """F1-macro and weighted F1 overall, and F1-macro on the text + image products."""
+    overall = metrics.summary(y, predicted)
+    return overall | {"f1_macro_paired": metrics.summary(y[paired], predicted[paired])["f1_macro"]}
+
+
+def logistic_on_val(x_train, y_train, x_val, y_val, grid) -> LogisticRegression:
+    """The LogisticRegression with the best validation F1-macro over the C grid."""
+    fitted = [LogisticRegression(C=c, max_iter=3000).fit(x_train, y_train) for c in grid]
+    return max(fitted, key=lambda m: metrics.summary(y_val, m.predict(x_val))["f1_macro"])
+
+
+def log_proba(model: LogisticRegression, x, n_classes: int) -> np.ndarray:
+    out = np.full((x.shape[0], n_classes), -1e9)
+    out[:, model.classes_] = model.predict_log_proba(x)
+    return out
+
+
+def anchors(data: Dataset, paired: np.ndarray) -> dict[str, dict]:
+    """The three scikit-learn anchors on this dataset's split (tuned on validation, scored on test)."""
+    train, val, test = (data.split == name for name in (TRAIN, VAL, TEST))
+    dense = np.hstack([data.text, data.image])
+    k, y = len(data.codes), data.y
+    lexical = logistic_on_val(data.lexical[train], y[train], data.lexical[val], y[val], ANCHOR_C["lexical"])
+    embeddings = logistic_on_val(dense[train], y[train], dense[val], y[val], ANCHOR_C["dense"])
+    lex_lp, dense_lp = log_proba(lexical, data.lexical, k), log_proba(embeddings, dense, k)
+
+    def fused(w: float, rows: np.ndarray) -> np.ndarray:
+        return (w * lex_lp[rows] + (1 - w) * dense_lp[rows]).argmax(1)
+
+    weight = max(FUSION_GRID, key=lambda w: metrics.summary(y[val], fused(w, val))["f1_macro"])
+    return {
+        "(i) LR TF-IDF": scores(y[test], lex_lp[test].argmax(1), paired),
+        "(ii) LR embeddings": scores(y[test], dense_lp[test].argmax(1), paired),
+        f"(iii) late fusion (w={weight:.1f})": scores(y[test], fused(weight, test), paired),
+    }
+
+
+def evaluate_seed(settings: Settings, seed: int) -> SeedResult:
+    """The default train-stage path and the anchors on this split seed."""
     settings = settings.model_copy(update={"split_seed": seed})
     data, _ = load_dataset(s3_client(settings), settings)
     mlflow.set_tracking_uri(settings.mlflow_uri)
     experiment = mlflow.set_experiment(f"{settings.mlflow_experiment}-bench-quality")
     with mlflow.start_run(run_name=f"quality-seed{seed}") as parent:
-        best = tune_head(
-            settings, data, parent.info.run_id, experiment.experiment_id, trials, settings.tune_max_epochs
-        )
-    base = TrainConfig(max_epochs=settings.tune_max_epochs, patience=settings.early_stop_patience, seed=0)
-    text, image, y_test = data.part(TEST)
+        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id, settings.tune_trials,
+                         settings.tune_max_epochs, kind=settings.head_kind)  # fmt: skip
+    head, ablation = fit_best(settings, data, best, settings.tune_max_epochs)
+    test = data.split == TEST
+    text, image = data.text[test], data.image[test]
     paired = (np.abs(text).sum(1) > 0) & (np.abs(image).sum(1) > 0)
-    rows = {}
-    for name, (modality, config) in ablation_variants(best.config, lexical=True).items():
-        head = fit_and_test(data, config, base, modality)
-        paired_f1 = metrics.summary(y_test[paired], head.predicted[paired])["f1_macro"]
-        rows[name] = head.report | {"f1_macro_paired": paired_f1,
-                                    "model": (head.model_config, head.result.state_dict)}  # fmt: skip
-    return rows, {"data": data, "best": best.config}
+    default = {row: dict(values) for row, values in ablation.items()}
+    default["fusion_lexical"] = scores(data.y[test], head.predicted, paired) | {
+        "ece_after": head.report["ece_after"]
+    }
+    return SeedResult(default, anchors(data, paired), best.config, head, data)
 
 
-def single_request_latency(data, heads: dict) -> dict[str, tuple[float, float]]:
-    """p50 / p99 ms of one-product predictions from the raw text, per head (dense vs lexical)."""
-    text, image, _ = data.part(TEST)
-    texts = data.texts_part(TEST)
-    out = {}
-    for name, (model_config, state_dict) in heads.items():
-        model = load_trained(model_config, state_dict)
-        times = []
-        for i in range(LATENCY_CALLS):
-            j = i % len(texts)
-            t0 = time.perf_counter()
-            rows = data.lexical_features.transform([texts[j]]) if model_config.uses_lexical else None
-            predict_logits(model, text[j : j + 1], image[j : j + 1], rows)
-            times.append((time.perf_counter() - t0) * 1000)
-        out[name] = (float(np.percentile(times, 50)), float(np.percentile(times, 99)))
-    return out
+def head_latency(result: SeedResult) -> tuple[float, float]:
+    """p50 / p99 ms of the promoted head on one product from its raw text (TF-IDF included)."""
+    data, test = result.data, np.flatnonzero(result.data.split == TEST)
+    texts = list(data.texts)
+    times = []
+    for i in range(LATENCY_CALLS):
+        j = test[i % len(test)]
+        t0 = time.perf_counter()
+        rows = data.lexical_features.transform([texts[j]])
+        if result.head.ensemble is not None:
+            result.head.ensemble.logits(Inputs(rows, data.text[j : j + 1], data.image[j : j + 1]))
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}"
 
 
-def report(name: str, per_seed: dict[int, dict[str, dict]], latency: dict) -> None:
-    seeds = sorted(per_seed)
-    rows = [
-        [seed, head, r["f1_macro"], r["f1_weighted"], r["f1_macro_paired"], r["ece_before"], r["ece_after"]]
-        for seed in seeds
-        for head, r in sorted(per_seed[seed].items(), key=lambda kv: ABLATION_ROWS.index(kv[0]))
-    ]
-    print_table(
-        f"{name}: ablation on the held-out test split, per split seed",
-        ["seed", "head", "F1-macro", "F1-weighted", "F1-macro paired", "ECE", "ECE calibrated"],
-        rows,
-    )
-    summary_rows = []
-    for head in ABLATION_ROWS:
-        values = [per_seed[s][head] for s in seeds if head in per_seed[s]]
-        if values:
-            keys = ("f1_macro", "f1_weighted", "f1_macro_paired", "ece_after")
-            summary_rows.append([head, *(mean_std([v[k] for v in values]) for k in keys)])
-    print_table(
-        f"{name}: mean ± std over {len(seeds)} split seeds",
-        ["head", "F1-macro", "F1-weighted", "F1-macro paired", "ECE calibrated"],
-        summary_rows,
-    )
-    gains = [per_seed[s]["fusion_lexical"]["f1_macro"] - per_seed[s]["fusion"]["f1_macro"] for s in seeds]
-    lexical = [per_seed[s]["fusion_lexical"]["f1_macro"] for s in seeds]
-    print(
-        f"{name}: fusion + lexical F1-macro {mean_std(lexical)} (target ≥ {TARGET_F1}); gain over dense "
-        f"fusion {mean_std(gains)} per seed {[round(g, 4) for g in gains]} (target ≥ +{TARGET_GAIN})"
-    )
-    print(
-        f"{name}: one-product prediction from raw text, p50 / p99 ms: "
-        + "; ".join(f"{head} {p50:.2f} / {p99:.2f}" for head, (p50, p99) in latency.items())
-    )
+def mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def report(results: dict[int, SeedResult], latency: tuple[float, float]) -> None:
+    seeds = sorted(results)
+    rows = []
+    for seed in seeds:
+        r = results[seed]
+        heads = [(f"default: {h}", r.default[h]) for h in ABLATION_ROWS if h in r.default]
+        for name, m in [*heads, *r.anchors.items()]:
+            rows.append([seed, name, m["f1_macro"], m["f1_weighted"], m.get("f1_macro_paired", float("nan"))])
+    print_table("Per split seed (held-out test split)", ["seed", "head", "F1-macro", "weighted F1",
+                                                         "F1-macro text+image"], rows)  # fmt: skip
+    names = [f"default: {h}" for h in ABLATION_ROWS] + [a.split(" (w=")[0] for a in results[seeds[0]].anchors]
+
+    def values(name: str, key: str) -> list[float]:
+        out = []
+        for seed in seeds:
+            r = results[seed]
+            found = {f"default: {h}": m for h, m in r.default.items()} | {
+                a.split(" (w=")[0]: m for a, m in r.anchors.items()
+            }
+            if name in found and key in found[name]:
+                out.append(found[name][key])
+        return out
+
+    summary = [[n, *(mean_std(values(n, k)) if values(n, k) else "-" for k in ("f1_macro", "f1_weighted",
+               "f1_macro_paired"))] for n in names]  # fmt: skip
+    print_table(f"Mean ± std over {len(seeds)} split seeds", ["head", "F1-macro", "weighted F1",
+                                                              "F1-macro text+image"], summary)  # fmt: skip
+    default = values("default: fusion_lexical", "f1_macro")
+    anchor3 = values("(iii) late fusion", "f1_macro")
+    margin = [d - a for d, a in zip(default, anchor3, strict=True)]
+    ece = values("default: fusion_lexical", "ece_after")
+    print(f"default − anchor (iii): {mean_std(margin)} per seed {[round(m, 4) for m in margin]} "
+          f"(target ≥ +{TARGET_MARGIN}) {mark(statistics.mean(margin) >= TARGET_MARGIN)}")  # fmt: skip
+    ok = statistics.mean(default) >= TARGET_F1
+    print(f"default F1-macro: {mean_std(default)} (target ≥ {TARGET_F1}) {mark(ok)}")
+    print(f"default ECE after temperature: {mean_std(ece)} (target ≤ {TARGET_ECE}) "
+          f"{mark(statistics.mean(ece) <= TARGET_ECE)}")  # fmt: skip
+    print(f"head cost per one-product request, p50 / p99: {latency[0]:.2f} / {latency[1]:.2f} ms "
+          f"(target p50 ≤ {TARGET_LATENCY_MS}) {mark(latency[0] <= TARGET_LATENCY_MS)}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = bench_parser("bench_quality", __doc__)
-    parser.add_argument("--seeds", default="0,1,2", help="split seeds (comma-separated)")
-    parser.add_argument("--trials", type=int, default=20, help="tuning trials per seed")
-    parser.add_argument("--generated", type=int, default=20_000, help="generated products (0: skip)")
-    parser.add_argument("--generated-seeds", default="0", help="split seeds for the generated sample")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="split seeds (comma-separated)")
     args = parser.parse_args(argv)
+    real = real_data_dir()
+    if real is None:
+        raise SystemExit("bench_quality needs the real sample: set RAKUTEN_REAL_DATA=/path/to/rakuten_real")
     with bench_stack() as settings, tempfile.TemporaryDirectory() as tmp:
-        catalogues = []
-        if real := real_data_dir():
-            catalogues.append(("real-sample", zip_real_sample(real, Path(tmp) / "real.zip"), args.seeds))
-        if args.generated:
-            generated = Path(tmp) / f"generated-{args.generated}.zip"
-            write_sample_zip(
-                SampleSpec(products=args.generated, seed=args.generated, image_size=128), generated
-            )
-            catalogues.append((f"generated-{args.generated}", generated, args.generated_seeds))
-        for name, path, seeds in catalogues:
-            embedded = load_catalogue(settings, path)
-            print(f"{name}: {embedded['products']} products embedded ({embedded['items_per_s']} items/s)")
-            per_seed, latency = {}, {}
-            for seed in (int(s) for s in seeds.split(",")):
-                per_seed[seed], context = evaluate_seed(settings, seed, args.trials)
-                if not latency:
-                    heads = {h: per_seed[seed][h]["model"] for h in ("fusion", "fusion_lexical")}
-                    latency = single_request_latency(context["data"], heads)
-                print(f"{name} seed {seed}: best configuration {context['best']}")
-            report(name, per_seed, latency)
+        embedded = load_catalogue(settings, zip_real_sample(real, Path(tmp) / "real.zip"))
+        print(f"real sample: {embedded.products} products embedded ({embedded.items_per_s} items/s)")
+        print(f"default head: {settings.head_kind}, {settings.tune_trials} trials per seed")
+        results = {}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            t0 = time.monotonic()
+            results[seed] = evaluate_seed(settings, seed)
+            print(f"seed {seed}: best {results[seed].best}; {time.monotonic() - t0:.0f} s", flush=True)
+        report(results, head_latency(results[min(results)]))
 
 
 if __name__ == "__main__":

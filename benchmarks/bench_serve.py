@@ -209,6 +209,7 @@ def reference_app(settings: Settings):
 
     from lib.features.encoders import build_image_encoder, build_text_encoder
     from lib.model import registry
+    from lib.model.artifact import input_dims
     from serve import logic
 
     torch.set_num_threads(1)
@@ -217,7 +218,7 @@ def reference_app(settings: Settings):
     loaded = registry.load_version(client, settings.registered_model_name, production.version)
     same_encoders = settings.model_copy(update={"encoder_threads": settings.serve_encoder_threads})
     text_encoder, image_encoder = build_text_encoder(same_encoders), build_image_encoder(same_encoders)
-    config = loaded.card["model_config"]
+    text_dim, image_dim = input_dims(loaded.card)
 
     def work(body: bytes, content_type: str | None) -> tuple[int, dict]:
         try:
@@ -231,9 +232,9 @@ def reference_app(settings: Settings):
             if isinstance(encoded, str):
                 return 422, {"detail": encoded}
             image = encoded
-        t = logic.stack_inputs([text], config["text_dim"])
-        i = logic.stack_inputs([image], config["image_dim"])
-        probs = loaded.probabilities(t, i, [item.text])
+        t = logic.stack_inputs([text], text_dim)
+        i = logic.stack_inputs([image], image_dim)
+        probs = loaded.probabilities(t, i, [item.lexical_text(settings.lexical_max_chars)])
         name = settings.registered_model_name
         return 200, logic.prediction(probs[0], loaded.card, settings.abstain_threshold, name, loaded.version)
 

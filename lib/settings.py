@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -113,7 +114,7 @@ class Settings(BaseSettings):
     split_seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    tune_trials: int = 20
+    tune_trials: int = Field(10, description="Trials per search (the experts have three hyper-parameters).")
     tune_max_epochs: int = 30
     tune_grace_epochs: int = Field(2, description="ASHA's first rung: epochs every trial gets.")
     tune_reduction_factor: int = Field(
@@ -127,7 +128,18 @@ class Settings(BaseSettings):
     lexical_char_ngram_min: int = Field(2, description="TF-IDF character n-grams (within words) from...")
     lexical_char_ngram_max: int = Field(5, description="...to this length.")
     lexical_min_df: int = Field(2, description="Training products a term must occur in to be kept.")
-    lexical_max_features: int = Field(50_000, description="Most frequent terms kept per analyzer.")
+    lexical_max_features: int = Field(100_000, description="Most frequent terms kept per analyzer.")
+    lexical_max_chars: int = Field(
+        2_000, description="Characters of title + description the TF-IDF block reads (bounds a request)."
+    )
+    head_kind: Literal["experts", "mlp"] = Field(
+        "experts",
+        description="The model trained and promoted: 'experts' (linear experts per modality, fused late) "
+        "or 'mlp' (the fusion MLP). Both are tuned with Ray Tune; see README, Model quality.",
+    )
+    expert_folds: int = Field(
+        5, description="Cross-validation folds that choose the experts' fusion weights."
+    )
     early_stop_patience: int = 5
     keep_model_versions: int = 5
     git_sha: str | None = Field(

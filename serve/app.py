@@ -181,7 +181,6 @@ class FusionModel(_Batched):
                     reason, current,
                 )  # fmt: skip
                 return
-            candidate.model.eval()
             self.loaded = candidate  # the atomic swap: one reference assignment
             self.last_check_error = None
             logger.info("now serving %s version %s (was %s)", self.name, target.version, current)
@@ -232,6 +231,7 @@ class FusionModel(_Batched):
         self, loaded, texts: list, images: list, metas: list[dict], product_texts: list[str]
     ) -> list[dict]:
         # lazy: see __init__
+        from lib.model.artifact import input_dims
         from lib.ops.predlog import log_row
 
         results: list[dict] = [{}] * len(metas)
@@ -241,10 +241,10 @@ class FusionModel(_Batched):
                 results[i] = logic.error_result(422, image)
         if not ok:
             return results
-        config = loaded.card["model_config"]
-        text = logic.stack_inputs([texts[i] for i in ok], config["text_dim"])  # (n, text_dim)
-        image = logic.stack_inputs([images[i] for i in ok], config["image_dim"])  # (n, image_dim)
-        lexical = [product_texts[i] for i in ok]  # read only by a head with a lexical branch
+        text_dim, image_dim = input_dims(loaded.card)
+        text = logic.stack_inputs([texts[i] for i in ok], text_dim)  # (n, text_dim)
+        image = logic.stack_inputs([images[i] for i in ok], image_dim)  # (n, image_dim)
+        lexical = [product_texts[i] for i in ok]  # read only by a head that reads the text
         probs = loaded.probabilities(text, image, lexical)
         rows = []
         for row, i in enumerate(ok):
@@ -317,8 +317,9 @@ class Ingress:
         # Responses are handed on unresolved: the embeddings go encoder → model, not through here.
         text = self.text.encode.remote(texts) if texts else None
         image = self.image.encode.remote(images) if images else None
-        metas, product_texts = [item.meta() for item in items], [item.text for item in items]
-        return await self.model.predict.remote(text, image, metas, product_texts)
+        cap = self.settings.lexical_max_chars
+        metas, lexical_texts = [item.meta() for item in items], [item.lexical_text(cap) for item in items]
+        return await self.model.predict.remote(text, image, metas, lexical_texts)
 
     async def _pipeline(self, items: list[logic.PredictInput]) -> list[dict]:
         """A group of products through the encoders and the head; retried while a dead replica is replaced."""

@@ -21,7 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 
 from lib.data.images import ImageRejected, ImageTooLarge, NotAnImage, check_image
 from lib.data.rakuten import class_name
-from lib.data.text import clean_text, product_text
+from lib.data.text import clean_text, lexical_text, product_text
 from lib.ops.predlog import TOP_K, input_hash
 from lib.settings import Settings
 
@@ -60,6 +60,10 @@ class PredictInput:
     @property
     def has_image(self) -> bool:
         return self.image is not None
+
+    def lexical_text(self, max_chars: int) -> str:
+        """What a head's TF-IDF block reads (as in training: ``lib.data.text.lexical_text``)."""
+        return lexical_text(self.designation, self.description, max_chars)
 
     def meta(self) -> dict:
         """What the model deployment logs besides the prediction."""

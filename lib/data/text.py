@@ -28,6 +28,20 @@ def clean_text(raw: object) -> str:
     return _SPACE_RE.sub(" ", text).strip()
 
 
+# Separates the title from the description in a lexical text (cleaned fields never hold a newline).
+TITLE_SEPARATOR = "\n"
+
+
+def lexical_text(designation: str, description: str, max_chars: int) -> str:
+    """What the TF-IDF block reads: the title, then the description, at most ``max_chars`` in all.
+
+    Unlike an encoder, TF-IDF is cheap on the whole description, which holds many of the product's
+    terms; the cap bounds a request's cost whatever its size. The title stays separable: it is also a
+    block of its own (see ``lib.features.lexical``).
+    """
+    return f"{designation}{TITLE_SEPARATOR}{description}"[:max_chars]
+
+
 def product_text(designation: str, description: str, max_description_chars: int) -> str:
     """The text an encoder sees: the title, then the start of the description.
 

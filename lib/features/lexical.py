@@ -18,11 +18,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from lib.data.text import TITLE_SEPARATOR
 from lib.settings import Settings
 
 VOCABULARY_FILE = "lexical.json"
 IDF_FILE = "lexical_idf.npz"
-ANALYZERS = ("word", "char_wb")
+# Word and character n-grams of the whole lexical text, and character n-grams of its title alone (titles
+# carry the codes and brands; a block of their own lifts F1-macro by about 0.015 on the real sample).
+ANALYZERS = ("word", "char_wb", "title_char_wb")
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,19 @@ class LexicalSpec:
         )
 
 
+def _view(texts: Sequence[str], analyzer: str) -> list[str]:
+    """The part of each lexical text an analyzer reads: the title for the title block, else all of it."""
+    if analyzer == "title_char_wb":
+        return [t.split(TITLE_SEPARATOR, 1)[0] for t in texts]
+    return [t.replace(TITLE_SEPARATOR, " ") for t in texts]
+
+
 def _vectorizer(spec: LexicalSpec, analyzer: str, vocabulary: dict[str, int] | None = None):
     # lazy: scikit-learn takes about a second to import; a Serve replica pays it only for a lexical head
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(
-        analyzer=analyzer,
+        analyzer=analyzer.removeprefix("title_"),
         ngram_range=tuple(spec.word_ngrams if analyzer == "word" else spec.char_ngrams),
         min_df=spec.min_df,
         max_features=spec.max_features,
@@ -62,14 +72,17 @@ def _vectorizer(spec: LexicalSpec, analyzer: str, vocabulary: dict[str, int] | N
 class LexicalFeatures:
     """A fitted TF-IDF block: texts → (n, dim) CSR float32 rows of unit L2 norm (zero rows for no text)."""
 
-    def __init__(self, spec: LexicalSpec, vectorizers: Sequence) -> None:
+    def __init__(
+        self, spec: LexicalSpec, vectorizers: Sequence, analyzers: Sequence[str] = ANALYZERS
+    ) -> None:
         self.spec = spec
-        self.vectorizers = list(vectorizers)  # one per analyzer, in ANALYZERS order
+        self.vectorizers = list(vectorizers)  # one per analyzer
+        self.analyzers = tuple(analyzers)  # a model saved before the title block has two
 
     @classmethod
     def fit(cls, texts: Sequence[str], spec: LexicalSpec) -> LexicalFeatures:
         """Vocabulary and IDF from ``texts`` (the training split's: never validation or test)."""
-        vectorizers = [_vectorizer(spec, analyzer).fit(texts) for analyzer in ANALYZERS]
+        vectorizers = [_vectorizer(spec, analyzer).fit(_view(texts, analyzer)) for analyzer in ANALYZERS]
         return cls(spec, vectorizers)
 
     @property
@@ -77,9 +90,10 @@ class LexicalFeatures:
         return sum(len(v.vocabulary_) for v in self.vectorizers)
 
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
-        # Each analyzer's block is unit-norm; the 1/√2 makes the whole row unit-norm again.
-        blocks = [v.transform(texts) for v in self.vectorizers]
-        return (sp.hstack(blocks, format="csr", dtype=np.float32) * np.float32(2**-0.5)).tocsr()
+        # Each analyzer's block is unit-norm; the scale makes the whole row unit-norm again.
+        blocks = [v.transform(_view(texts, a)) for v, a in zip(self.vectorizers, self.analyzers, strict=True)]
+        scale = np.float32(len(blocks) ** -0.5)
+        return (sp.hstack(blocks, format="csr", dtype=np.float32) * scale).tocsr()
 
     def save(self, directory: Path) -> None:
         """Write the vocabulary (JSON, terms in column order) and the IDF weights next to the model."""
@@ -89,7 +103,7 @@ class LexicalFeatures:
             for term, column in v.vocabulary_.items():
                 terms[column] = term
             vocabularies.append(terms)
-        payload = {"spec": asdict(self.spec), "analyzers": list(ANALYZERS), "vocabularies": vocabularies}
+        payload = {"spec": asdict(self.spec), "analyzers": list(self.analyzers), "vocabularies": vocabularies}
         (directory / VOCABULARY_FILE).write_text(json.dumps(payload, ensure_ascii=False))
         np.savez(directory / IDF_FILE, *[v.idf_.astype(np.float32) for v in self.vectorizers])
 
@@ -104,7 +118,7 @@ class LexicalFeatures:
             vectorizer = _vectorizer(spec, analyzer, {term: i for i, term in enumerate(terms)})
             vectorizer.idf_ = idf  # also builds the inner transformer: no refit
             vectorizers.append(vectorizer)
-        return cls(spec, vectorizers)
+        return cls(spec, vectorizers, payload["analyzers"])
 
 
 @dataclass

@@ -15,21 +15,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.features.lexical import LexicalFeatures
+from lib.features.lexical import IDF_FILE, VOCABULARY_FILE, LexicalFeatures
+from lib.model.experts import EXPERTS_FILE, FUSION_FILE, ExpertEnsemble, Inputs
 from lib.model.network import FusionConfig, MultimodalMLP, predict_logits, softmax
 
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "card.json"
+EXPERTS_KIND, MLP_KIND = "experts", "mlp"  # the card's head_kind
+
+
+def reads_text(card: dict) -> bool:
+    """Whether the head reads the product text (a TF-IDF block) besides the embeddings."""
+    if "reads_text" in card:
+        return bool(card["reads_text"])
+    return FusionConfig.from_dict(card["model_config"]).uses_lexical  # cards written before experts
+
+
+def input_dims(card: dict) -> tuple[int, int]:
+    """(text_dim, image_dim) of the embeddings the head reads."""
+    dims = card.get("input_dims") or card["model_config"]
+    return int(dims["text_dim"]), int(dims["image_dim"])
 
 
 @dataclass
 class LoadedModel:
-    """A fusion head ready to predict, with its card (and its TF-IDF block if it reads one)."""
+    """A trained head ready to predict (the fusion MLP or the experts), with its card and TF-IDF block."""
 
-    model: MultimodalMLP
+    model: MultimodalMLP | None
     card: dict
     version: str | None = None
     lexical: LexicalFeatures | None = None
+    ensemble: ExpertEnsemble | None = None
 
     @property
     def codes(self) -> list[int]:
@@ -43,6 +59,8 @@ class LoadedModel:
             if texts is None:
                 raise ValueError(f"model version {self.version} reads the product text: pass texts")
             rows = self.lexical.transform(texts)
+        if self.ensemble is not None:
+            return self.ensemble.logits(Inputs(rows, text, image))
         return predict_logits(self.model, text, image, rows)
 
     def probabilities(
@@ -52,25 +70,43 @@ class LoadedModel:
         return softmax(self.logits(text, image, texts), self.card.get("temperature", 1.0))
 
 
-def write_model_dir(path: Path, state_dict: dict, card: dict, lexical: LexicalFeatures | None = None) -> Path:
-    """The files of the model contract (a head with a lexical branch needs its fitted TF-IDF block)."""
-    reads_text = FusionConfig.from_dict(card["model_config"]).uses_lexical
-    if reads_text and lexical is None:
-        raise ValueError("this head has a lexical branch: pass the LexicalFeatures it was trained with")
+def write_model_dir(
+    path: Path,
+    state_dict: dict | None,
+    card: dict,
+    lexical: LexicalFeatures | None = None,
+    ensemble: ExpertEnsemble | None = None,
+) -> Path:
+    """The files of the model contract: the MLP's weights or the experts', the card, the TF-IDF block."""
+    if reads_text(card) and lexical is None:
+        raise ValueError("this head reads the product text: pass the LexicalFeatures it was trained with")
+    if (state_dict is None) == (ensemble is None):
+        raise ValueError("a model directory holds either an MLP's state dict or an expert ensemble")
     path.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, path / WEIGHTS_FILE)
+    if ensemble is not None:
+        ensemble.save(path)
+    else:
+        torch.save(state_dict, path / WEIGHTS_FILE)
     (path / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
-    if reads_text:  # a head without the branch carries no vocabulary, and its pyfunc takes no text
+    if reads_text(card):  # a head without text carries no vocabulary, and its pyfunc takes no text
         lexical.save(path)
     return path
+
+
+def model_files(card: dict) -> list[str]:
+    """The files a model directory with this card holds (what the registry logs)."""
+    head = [EXPERTS_FILE, FUSION_FILE] if card.get("head_kind") == EXPERTS_KIND else [WEIGHTS_FILE]
+    return [*head, CARD_FILE, *([VOCABULARY_FILE, IDF_FILE] if reads_text(card) else [])]
 
 
 def read_model_dir(path: Path, version: str | None = None) -> LoadedModel:
     """Load a fusion head from a directory holding the contract's files (searched recursively)."""
     card_path = next(Path(path).rglob(CARD_FILE))
     card = json.loads(card_path.read_text())
-    config = FusionConfig.from_dict(card["model_config"])
-    model = MultimodalMLP(config)
-    model.load_state_dict(torch.load(card_path.parent / WEIGHTS_FILE, weights_only=True))
-    lexical = LexicalFeatures.load(card_path.parent) if config.uses_lexical else None
+    directory = card_path.parent
+    lexical = LexicalFeatures.load(directory) if reads_text(card) else None
+    if card.get("head_kind") == EXPERTS_KIND:
+        return LoadedModel(None, card, version, lexical, ExpertEnsemble.load(directory))
+    model = MultimodalMLP(FusionConfig.from_dict(card["model_config"]))
+    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))
     return LoadedModel(model.eval(), card, version, lexical)

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from lib.data.text import lexical_text
 from lib.features.catalogue import current_catalogue
 from lib.features.embed import to_matrix
 from lib.features.lexical import LexicalFeatures, LexicalSpec
+from lib.model.experts import Inputs
 from lib.model.split import TEST, TRAIN, VAL, assign_splits
 from lib.settings import Settings
 
@@ -27,7 +29,7 @@ class Dataset:
     productid: np.ndarray  # (n,) int64
     codes: list[int]  # label index → prdtypecode
     fingerprint: str = ""
-    texts: np.ndarray | None = None  # (n,) str: the product text the encoder saw (for the lexical block)
+    texts: np.ndarray | None = None  # (n,) str: each product's lexical text (lib.data.text.lexical_text)
     lexical: sp.csr_matrix | None = None  # (n, lexical_dim) TF-IDF rows, once with_lexical ran
     lexical_features: LexicalFeatures | None = None  # the fitted block (saved with a lexical model)
 
@@ -44,6 +46,10 @@ class Dataset:
     @property
     def lexical_dim(self) -> int:
         return 0 if self.lexical is None else self.lexical.shape[1]
+
+    def inputs(self, mask: np.ndarray) -> Inputs:
+        """The experts' inputs of the rows in ``mask`` (the TF-IDF block must have been added)."""
+        return Inputs(self.lexical[mask], self.text[mask], self.image[mask])
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.split == name).sum()) for name in (TRAIN, VAL, TEST)}
@@ -92,6 +98,16 @@ def load_dataset(client, settings: Settings) -> tuple[Dataset, dict]:
     """
     catalogue = current_catalogue(client, settings)
     joined = catalogue.embedded(client, settings, ["text_emb", "image_emb"])
+    # The TF-IDF block reads the whole title + description, not the encoder's shortened text.
+    products = catalogue.products.set_index("productid")
+    joined["text"] = [
+        lexical_text(
+            products.at[p, "designation_clean"],
+            products.at[p, "description_clean"],
+            settings.lexical_max_chars,
+        )
+        for p in joined["productid"]
+    ]
     text_id, image_id = catalogue.text_id, catalogue.image_id
     data = build_dataset(
         joined, text_id.dim, image_id.dim, settings.split_seed, settings.val_fraction, settings.test_fraction

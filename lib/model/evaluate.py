@@ -14,7 +14,8 @@ from lib.features.encoders import encoder_ids, encoder_set_id
 from lib.model import metrics, registry
 from lib.model.artifact import LoadedModel
 from lib.model.dataset import Dataset
-from lib.model.network import FusionConfig, load_trained, predict_logits, softmax
+from lib.model.experts import ExpertConfig, ExpertEnsemble, expert_log_probs, fit_ensemble
+from lib.model.network import FusionConfig, fit_temperature, load_trained, predict_logits, softmax
 from lib.model.split import TEST, VAL
 from lib.model.train import TrainConfig, TrainResult, configs_from_trial, train_model
 from lib.model.tune import DEFAULT_TRIAL
@@ -23,13 +24,17 @@ from lib.settings import Settings
 
 @dataclass
 class FittedHead:
-    """One configuration trained on train (early stopping on val) and scored on test."""
+    """A head fitted without the test split, and its scores on the test split.
 
-    model_config: FusionConfig
-    train_config: TrainConfig
-    result: TrainResult
+    The fusion MLP: trained on train with early stopping on val. The experts: fitted on train + val.
+    """
+
     report: dict[str, float]  # f1_macro, f1_weighted, accuracy, temperature, ece_before, ece_after
     predicted: np.ndarray  # predicted label index of each test product
+    model_config: FusionConfig | None = None  # the MLP's
+    train_config: TrainConfig | None = None
+    result: TrainResult | None = None
+    ensemble: ExpertEnsemble | None = None  # the experts'
 
 
 @dataclass
@@ -46,36 +51,60 @@ class PromotionDecision:
         return asdict(self)
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, grid: np.ndarray | None = None) -> float:
-    """Temperature scaling: the T minimising the NLL of softmax(logits / T) on held-out (validation) rows.
-
-    A 1-D search is exact enough and cannot diverge (unlike a gradient fit on a few hundred rows).
-    """
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 400)) if grid is None else grid
-    rows = np.arange(len(y))
-
-    def nll(t: float) -> float:
-        return float(-np.log(np.clip(softmax(logits, t)[rows, y], 1e-12, None)).mean())
-
-    return float(min(grid, key=nll))
-
-
 def test_report(data: Dataset, model) -> tuple[dict, np.ndarray]:
-    """Test metrics of a trained head, with its calibration; returns (metrics, predicted label indices).
+    """Test metrics of a trained MLP, with its calibration; returns (metrics, predicted label indices).
 
-    Metrics: F1-macro, weighted F1, accuracy, and the expected calibration error on test before and
-    after temperature scaling (the temperature is fitted on the validation split).
+    The temperature is fitted on the validation split.
     """
     val_text, val_image, y_val = data.part(VAL)
-    text, image, y_test = data.part(TEST)
+    text, image, _ = data.part(TEST)
     temperature = fit_temperature(predict_logits(model, val_text, val_image, data.lexical_part(VAL)), y_val)
-    logits = predict_logits(model, text, image, data.lexical_part(TEST))
-    report = metrics.summary(y_test, logits.argmax(1)) | {
+    return scored(
+        predict_logits(model, text, image, data.lexical_part(TEST)), data.part(TEST)[2], temperature
+    )
+
+
+def scored(logits: np.ndarray, y: np.ndarray, temperature: float) -> tuple[dict, np.ndarray]:
+    """F1-macro, weighted F1, accuracy, and the expected calibration error before and after the
+    temperature; and the predicted label indices."""
+    report = metrics.summary(y, logits.argmax(1)) | {
         "temperature": temperature,
-        "ece_before": metrics.expected_calibration_error(softmax(logits), y_test),
-        "ece_after": metrics.expected_calibration_error(softmax(logits, temperature), y_test),
+        "ece_before": metrics.expected_calibration_error(softmax(logits), y),
+        "ece_after": metrics.expected_calibration_error(softmax(logits, temperature), y),
     }
     return report, logits.argmax(1)
+
+
+def fit_and_test_experts(data: Dataset, config: ExpertConfig, folds: int, seed: int) -> FittedHead:
+    """The experts fitted on train + val (fusion weights and temperature from out-of-fold scores), scored
+    on test."""
+    rows = data.split != TEST
+    ensemble, temperature = fit_ensemble(
+        data.inputs(rows), data.y[rows], len(data.codes), config, folds, seed
+    )
+    report, predicted = scored(
+        ensemble.logits(data.inputs(data.split == TEST)), data.part(TEST)[2], temperature
+    )
+    return FittedHead(report, predicted, ensemble=ensemble)
+
+
+def expert_ablation(data: Dataset, head: FittedHead) -> dict[str, dict]:
+    """Test metrics of each expert alone, of the dense experts fused, and of the whole ensemble.
+
+    Rows as ``lib.model.metrics.ABLATION_ROWS``: "fusion" is text + image, "fusion_lexical" all three.
+    The image expert alone is scored on the test products that have an image (it abstains on the rest).
+    """
+    test = data.split == TEST
+    x, y = data.inputs(test), data.y[test]
+    parts = expert_log_probs(head.ensemble.experts, x)
+    weights = head.ensemble.weights
+    dense = weights.text * parts["text"] + weights.image * parts["image"]
+    has_image = x.has_image
+    out = {name: metrics.summary(y, parts[name].argmax(1)) for name in ("lexical", "text")}
+    out["image"] = metrics.summary(y[has_image], parts["image"][has_image].argmax(1))
+    out["fusion"] = metrics.summary(y, dense.argmax(1))
+    out["fusion_lexical"] = head.report
+    return out
 
 
 def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str = "fusion") -> FittedHead:
@@ -85,7 +114,7 @@ def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str =
     )
     result = train_model(data, model_config, train_config)
     report, predicted = test_report(data, load_trained(model_config, result.state_dict))
-    return FittedHead(model_config, train_config, result, report, predicted)
+    return FittedHead(report, predicted, model_config, train_config, result)
 
 
 def ablation_variants(config: dict, lexical: bool) -> dict[str, tuple[str, dict]]:

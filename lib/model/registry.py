@@ -16,9 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from lib.features.lexical import IDF_FILE, VOCABULARY_FILE
-from lib.model.artifact import CARD_FILE, WEIGHTS_FILE, LoadedModel, read_model_dir
-from lib.model.network import FusionConfig
+from lib.model.artifact import LoadedModel, input_dims, model_files, read_model_dir, reads_text
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
@@ -26,13 +24,12 @@ PREVIOUS = "previous"
 
 def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
     """Log the model directory as a pyfunc model in the active run (with a tensor signature)."""
-    text_dim, image_dim = card["model_config"]["text_dim"], card["model_config"]["image_dim"]
+    text_dim, image_dim = input_dims(card)
     inputs = [TensorSpec(np.dtype(np.float32), (-1, text_dim), "text_emb"),
               TensorSpec(np.dtype(np.float32), (-1, image_dim), "image_emb")]  # fmt: skip
-    artifacts = {"weights": str(model_dir / WEIGHTS_FILE), "card": str(model_dir / CARD_FILE)}
-    if FusionConfig.from_dict(card["model_config"]).uses_lexical:  # it also reads the product text
+    if reads_text(card):  # it also reads the product text (title + newline + description)
         inputs.append(TensorSpec(np.dtype(np.str_), (-1,), "text"))
-        artifacts |= {"lexical": str(model_dir / VOCABULARY_FILE), "lexical_idf": str(model_dir / IDF_FILE)}
+    artifacts = {Path(name).stem: str(model_dir / name) for name in model_files(card)}
     signature = ModelSignature(
         inputs=Schema(inputs),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(card["codes"])), "probabilities")]),

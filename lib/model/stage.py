@@ -22,15 +22,18 @@ from PIL import Image
 
 from lib.data.rakuten import class_name
 from lib.model import metrics, registry
-from lib.model.artifact import write_model_dir
+from lib.model.artifact import EXPERTS_KIND, MLP_KIND, write_model_dir
 from lib.model.dataset import Dataset, load_dataset
 from lib.model.evaluate import (
     FittedHead,
     PromotionDecision,
     evaluate_ablation,
+    expert_ablation,
     fit_and_test,
+    fit_and_test_experts,
     promote_if_better,
 )
+from lib.model.experts import ExpertConfig
 from lib.model.split import TEST, TRAIN
 from lib.model.train import TrainConfig
 from lib.model.tune import TuneResult, close_stopped_trials, tune_head
@@ -94,19 +97,14 @@ def run_train_stage(
     with mlflow.start_run(run_name="tune-fusion") as parent:
         sha = git_sha(settings)
         _log_inputs(settings, data, lineage, sha, trials, max_epochs)
-        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id, trials, max_epochs)
+        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id, trials, max_epochs,
+                         kind=settings.head_kind)  # fmt: skip
         close_stopped_trials(client, experiment.experiment_id, parent.info.run_id)
         tune_seconds = time.monotonic() - t0
         mlflow.log_params({f"best_{k}": v for k, v in best.config.items()})
         mlflow.log_metrics({"best_val_f1_macro": best.val_f1_macro, "tune_seconds": tune_seconds,
                             "trials_stopped_early": best.stopped_early})  # fmt: skip
-        base = TrainConfig(
-            max_epochs=max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
-        )
-        # Retrain the best configuration (seeded: the same run as the trial); calibrated on val, judged
-        # on test.
-        head = fit_and_test(data, best.config, base)
-        ablation = evaluate_ablation(data, best.config, base, head.report)
+        head, ablation = fit_best(settings, data, best, max_epochs)
         _log_evaluation(data, head, ablation)
         card = model_card(settings, data, lineage, head, sha, parent.info.run_id)
         version = _register(settings, client, data, head, card)
@@ -124,6 +122,18 @@ def run_train_stage(
         tune_seconds=tune_seconds,
         lineage=lineage,
     )
+
+
+def fit_best(settings: Settings, data: Dataset, best: TuneResult, max_epochs: int) -> tuple[FittedHead, dict]:
+    """The best configuration fitted without the test split, scored on it, with its ablation."""
+    if settings.head_kind == EXPERTS_KIND:
+        config, folds = ExpertConfig(**best.config), settings.expert_folds
+        head = fit_and_test_experts(data, config, folds, settings.tune_seed)
+        return head, expert_ablation(data, head)
+    base = TrainConfig(max_epochs=max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed)
+    # Retrain the best configuration (seeded: the same run as the trial); calibrated on val.
+    head = fit_and_test(data, best.config, base)
+    return head, evaluate_ablation(data, best.config, base, head.report)
 
 
 def _log_inputs(
@@ -162,11 +172,20 @@ def model_card(
 ) -> dict:
     """The card registered with the model: label map, architecture, encoders, split, lineage, scores."""
     train_counts = np.bincount(data.part(TRAIN)[2], minlength=len(data.codes))
+    if head.ensemble is not None:
+        head_card = {"head_kind": EXPERTS_KIND, "reads_text": True,
+                     "expert_config": asdict(head.ensemble.config),
+                     "fusion_weights": asdict(head.ensemble.weights)}  # fmt: skip
+    else:
+        head_card = {"head_kind": MLP_KIND, "reads_text": head.model_config.uses_lexical,
+                     "model_config": head.model_config.to_dict(), "train_config": asdict(head.train_config),
+                     "best_epoch": head.result.best_epoch}  # fmt: skip
     return {
         "codes": data.codes,
         "class_names": {str(c): class_name(c) for c in data.codes},
-        "model_config": head.model_config.to_dict(),
-        "train_config": asdict(head.train_config),
+        **head_card,
+        "input_dims": {"text_dim": int(data.text.shape[1]), "image_dim": int(data.image.shape[1])},
+        "lexical_max_chars": settings.lexical_max_chars,
         "encoder_set_id": lineage["encoder_set_id"],
         "text_encoder": lineage["text_encoder"],
         "image_encoder": lineage["image_encoder"],
@@ -182,7 +201,6 @@ def model_card(
         "temperature": head.report["temperature"],
         "calibration": _calibration(head.report),
         "class_counts_train": {str(data.codes[i]): int(n) for i, n in enumerate(train_counts)},
-        "best_epoch": head.result.best_epoch,
         "parent_run_id": parent_run_id,
     }
 
@@ -191,8 +209,9 @@ def _register(settings: Settings, client: MlflowClient, data: Dataset, head: Fit
     """Log the model's files in the active run and register them; returns the new version."""
     name = settings.registered_model_name
     with tempfile.TemporaryDirectory() as tmp:
-        lexical = data.lexical_features if head.model_config.uses_lexical else None
-        model_dir = write_model_dir(Path(tmp) / "model", head.result.state_dict, card, lexical)
+        lexical = data.lexical_features if card["reads_text"] else None
+        state_dict = None if head.ensemble is not None else head.result.state_dict
+        model_dir = write_model_dir(Path(tmp) / "model", state_dict, card, lexical, head.ensemble)
         requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in MODEL_REQUIREMENTS]
         info = registry.log_model(model_dir, card, requirements)
     version = mlflow.register_model(

@@ -1,14 +1,18 @@
-"""Hyper-parameter search of the fusion head: Ray Tune, OptunaSearch (TPE) and ASHA; every trial in MLflow.
+"""Hyper-parameter search of the head: Ray Tune, OptunaSearch (TPE) and ASHA; every trial in MLflow.
 
-A trial is ``lib.model.train.train_model`` with sampled values; it reports each epoch to Tune (for ASHA)
-and to its own MLflow run, nested under the stage's parent run.
+Two kinds of head (``settings.head_kind``). An **mlp** trial is ``lib.model.train.train_model`` with
+sampled values and reports each epoch's validation scores. An **experts** trial samples the experts'
+regularisation and reports, fold by fold, the F1-macro of the out-of-fold predictions of train +
+validation (``lib.model.experts.out_of_fold``): ASHA stops a weak configuration after its first folds
+as it stops a weak MLP after its first epochs. Each trial has its own MLflow run under the stage's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import optuna
 import torch
 from mlflow import MlflowClient
@@ -17,10 +21,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from lib.model.artifact import EXPERTS_KIND, MLP_KIND
 from lib.model.dataset import Dataset
+from lib.model.experts import ExpertConfig, FusionWeights, choose_weights, out_of_fold
+from lib.model.metrics import summary
+from lib.model.split import TEST
 from lib.model.train import TrainConfig, configs_from_trial, train_model
 from lib.settings import Settings
 
+# F1-macro on rows the trial did not fit: the validation split (mlp) or out-of-fold train + val (experts).
 TARGET = "val_f1_macro"
 # Width of the TF-IDF projection into the MLP (0: none). Wider ones cost much more time and, on the real
 # sample, scored no better (README, "Model quality").
@@ -63,15 +72,23 @@ def search_space(lexical: bool) -> dict:
     }
 
 
+def expert_space() -> dict:
+    """Ray Tune search space of the experts: each one's inverse regularisation strength."""
+    return {
+        "lexical_c": tune.loguniform(0.1, 10.0),
+        "text_c": tune.loguniform(0.3, 30.0),
+        "image_c": tune.loguniform(0.3, 30.0),
+    }
+
+
 def default_trial(space: dict) -> dict:
-    """DEFAULT_TRIAL restricted to the keys of ``space``."""
-    return {k: v for k, v in DEFAULT_TRIAL.items() if k in space}
+    """The default configuration (DEFAULT_TRIAL, or the experts' defaults) restricted to ``space``."""
+    defaults = DEFAULT_TRIAL | asdict(ExpertConfig())
+    return {k: v for k, v in defaults.items() if k in space}
 
 
-def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings) -> None:
-    """One Tune trial: train with the sampled values, report every epoch to Tune and MLflow."""
-    torch.set_num_threads(1)  # trials run side by side; one thread each avoids oversubscription
-    client = MlflowClient(settings.mlflow_uri)
+def _trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str, config: dict) -> str:
+    """The trial's MLflow run, nested under the stage's, with the sampled values as params."""
     trial_id = tune.get_context().get_trial_id()
     run = client.create_run(
         experiment_id,
@@ -79,6 +96,42 @@ def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str
         tags={"mlflow.parentRunId": parent_run_id, "tune_trial_id": trial_id},
     )
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
+    return run.info.run_id
+
+
+def _report(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
+    tune.report(metrics)
+
+
+def expert_trial_fn(
+    config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings
+) -> None:
+    """One experts trial: k-fold over train + val, reporting the out-of-fold F1-macro after each fold."""
+    client = MlflowClient(settings.mlflow_uri)
+    run_id = _trial_run(client, experiment_id, parent_run_id, config)
+    rows = data.split != TEST
+    x, y = data.inputs(rows), data.y[rows]
+
+    def report(fold: int, parts: dict, done: np.ndarray) -> None:
+        seen = {name: scores[done] for name, scores in parts.items()}
+        # The last fold chooses the fusion weights, as the final fit will; before, the default weights.
+        weights = choose_weights(seen, y[done]) if done.all() else FusionWeights()
+        f1 = summary(y[done], weights.fuse(seen).argmax(1))["f1_macro"]
+        _report(client, run_id, {TARGET: f1}, fold)
+
+    out_of_fold(
+        x, y, len(data.codes), ExpertConfig(**config), settings.expert_folds, settings.tune_seed, report
+    )
+    client.set_terminated(run_id)
+
+
+def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings) -> None:
+    """One MLP trial: train with the sampled values, report every epoch to Tune and MLflow."""
+    torch.set_num_threads(1)  # trials run side by side; one thread each avoids oversubscription
+    client = MlflowClient(settings.mlflow_uri)
+    run_id = _trial_run(client, experiment_id, parent_run_id, config)
     base = TrainConfig(
         max_epochs=settings.tune_max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed
     )
@@ -87,14 +140,11 @@ def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str
     )
 
     def report(m: dict) -> None:
-        now, step = int(time.time() * 1000), int(m["epoch"])
-        metrics = [Metric(k, float(v), now, step) for k, v in m.items() if k != "epoch"]
-        client.log_batch(run.info.run_id, metrics)
-        tune.report(m)
+        _report(client, run_id, {k: v for k, v in m.items() if k != "epoch"}, int(m["epoch"]))
 
     result = train_model(data, model_config, train_config, on_epoch=report)
-    client.log_metric(run.info.run_id, "best_val_f1_macro", result.best_val["val_f1_macro"])
-    client.set_terminated(run.info.run_id)
+    client.log_metric(run_id, "best_val_f1_macro", result.best_val["val_f1_macro"])
+    client.set_terminated(run_id)
 
 
 def make_scheduler(name: str, max_epochs: int, settings: Settings) -> TrialScheduler:
@@ -117,14 +167,18 @@ def tune_head(
     max_epochs: int,
     scheduler: str = "asha",
     replay: list[dict] | None = None,
+    kind: str = MLP_KIND,
 ) -> TuneResult:
     """Run the search; the best trial is the one with the best val F1-macro over its epochs.
 
     ``replay``: run exactly these configurations, in order, instead of searching (``trials`` is then
     their number). The benchmark's FIFO baseline replays ASHA's trials so that the two schedulers train
     the same configurations: TPE fed with truncated results would otherwise sample different ones.
+    ``kind``: the head (``mlp`` or ``experts``); an experts trial's "epochs" are its folds.
     """
-    space = search_space(lexical=data.lexical_dim > 0)
+    experts = kind == EXPERTS_KIND
+    space = expert_space() if experts else search_space(lexical=data.lexical_dim > 0)
+    max_epochs = settings.expert_folds if experts else max_epochs
     points = replay if replay is not None else [default_trial(space)]
     search = OptunaSearch(
         sampler=optuna.samplers.TPESampler(seed=settings.tune_seed), points_to_evaluate=points
@@ -132,7 +186,7 @@ def tune_head(
     trial_settings = settings.model_copy(update={"tune_max_epochs": max_epochs})
     trainable = tune.with_resources(
         tune.with_parameters(
-            trial_fn,
+            expert_trial_fn if experts else trial_fn,
             # Trials read the TF-IDF rows, not the fitted vectorizers (vocabularies): leave those out.
             data=replace(data, lexical_features=None),
             parent_run_id=parent_run_id,

@@ -20,7 +20,7 @@ from lib.data.sample import SampleSpec, write_sample_zip
 from lib.data.storage import put_bytes, put_json, put_table, s3_client
 from lib.features.catalogue import current_catalogue
 from lib.model import registry
-from lib.model.artifact import write_model_dir
+from lib.model.artifact import input_dims, write_model_dir
 from lib.model.dataset import load_dataset
 from lib.model.evaluate import promote_if_better, score_codes
 from lib.model.network import FusionConfig, MultimodalMLP
@@ -85,8 +85,8 @@ def trained(ray_cluster, stack):
     put_bytes(client, stack.bucket_incoming, "train.zip", buf.getvalue())
     ingest_job.run(f"s3://{stack.bucket_incoming}/train.zip", stack)
     write_synthetic_embeddings(stack)
-    out = train_job.run(stack, trials=3, max_epochs=6)
-    return out
+    # The fusion MLP (the experts, the default head, have their own test below).
+    return train_job.run(stack.model_copy(update={"head_kind": "mlp"}), trials=3, max_epochs=6)
 
 
 def test_parent_run_nested_trials_metrics_and_artifacts(trained, stack):
@@ -145,14 +145,19 @@ def test_first_model_is_registered_and_promoted_with_its_card(trained, stack):
     best = trained.best.config
     assert (loaded.lexical is not None) == (int(best["lexical_proj"]) > 0 or bool(best["lexical_wide"]))
     # The pyfunc flavour predicts probabilities too, from the product text as well when the head reads it.
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{stack.registered_model_name}@production")
-    dims = loaded.card["model_config"]
+    assert_pyfunc_predicts(stack, loaded)
+
+
+def assert_pyfunc_predicts(settings, loaded) -> None:
+    """The production model's pyfunc flavour gives class probabilities (from the text too if it reads it)."""
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}@production")
+    text_dim, image_dim = input_dims(loaded.card)
     inputs = {
-        "text_emb": np.zeros((2, dims["text_dim"]), np.float32),
-        "image_emb": np.zeros((2, dims["image_dim"]), np.float32),
+        "text_emb": np.zeros((2, text_dim), np.float32),
+        "image_emb": np.zeros((2, image_dim), np.float32),
     }
     if loaded.lexical is not None:
-        inputs["text"] = np.array(["Console PS4 Pro 1 To", "Piscine tubulaire ronde"])
+        inputs["text"] = np.array(["Console PS4 Pro 1 To\nNeuve", "Piscine tubulaire ronde\n"])
     probs = pyfunc.predict(inputs)
     assert probs.shape == (2, 27) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
@@ -224,3 +229,30 @@ def test_replay_trains_exactly_the_given_configurations_in_order(trained, stack)
         )
     assert out.trials == 2
     assert out.configs == [first, second]
+
+
+# Last: it resets the lake and registry the `trained` fixture built.
+def test_the_default_head_is_the_experts_tuned_fold_by_fold_and_promoted(trained, stack):
+    """On a fresh registry: the experts' trials report one out-of-fold score per fold, the model is
+    registered with its fusion weights, beats nothing (first model) and serves probabilities."""
+    reset_lake_and_registry(stack)
+    client = s3_client(stack)
+    buf = io.BytesIO()
+    write_sample_zip(SampleSpec(products=400, seed=12, image_size=32), buf)
+    put_bytes(client, stack.bucket_incoming, "experts.zip", buf.getvalue())
+    ingest_job.run(f"s3://{stack.bucket_incoming}/experts.zip", stack)
+    write_synthetic_embeddings(stack)
+    out = train_job.run(stack, trials=2)
+    assert stack.head_kind == "experts" and out.decision.promoted
+    mlflow_client = MlflowClient(stack.mlflow_uri)
+    trials = mlflow_client.search_runs(
+        [mlflow_client.get_run(out.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{out.run_id}'"
+    )
+    assert len(trials) == 2 and {"lexical_c", "text_c", "image_c"} <= set(trials[0].data.params)
+    history = mlflow_client.get_metric_history(trials[0].info.run_id, "val_f1_macro")
+    assert 1 <= len(history) <= stack.expert_folds
+    loaded = registry.load_version(mlflow_client, stack.registered_model_name, out.version)
+    assert loaded.ensemble is not None and loaded.card["head_kind"] == "experts"
+    assert set(out.ablation) == {"lexical", "text", "image", "fusion", "fusion_lexical"}
+    assert out.test["f1_macro"] > 0.3 and loaded.card["fusion_weights"]["lexical_scale"] > 0
+    assert_pyfunc_predicts(stack, loaded)

@@ -65,7 +65,8 @@ def register_copy(settings, source: LoadedModel, card: dict | None = None) -> st
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_experiment(settings.mlflow_experiment)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name="serve-test-copy"):
-        model_dir = write_model_dir(Path(tmp) / "model", source.model.state_dict(), card, source.lexical)
+        state_dict = source.model.state_dict() if source.model is not None else None
+        model_dir = write_model_dir(Path(tmp) / "model", state_dict, card, source.lexical, source.ensemble)
         info = registry.log_model(model_dir, card, [])
     return mlflow.register_model(info.model_uri, settings.registered_model_name).version
 

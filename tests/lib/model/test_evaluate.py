@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.model.evaluate import decide_promotion, fit_temperature
+from lib.model.evaluate import decide_promotion
 from lib.model.metrics import expected_calibration_error
-from lib.model.network import softmax
+from lib.model.network import fit_temperature, softmax
 
 
 def test_promotion_needs_a_strict_improvement():

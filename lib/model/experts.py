@@ -1,0 +1,201 @@
+"""Per-modality linear experts fused late: the default head.
+
+Three experts, each a linear model over one input: **lexical** (a linear SVM on the TF-IDF block of title +
+description), **text** and **image** (multinomial logistic regressions on the sentence and image
+embeddings; the image expert is trained on, and applied to, products that have an image). Their class
+scores are fused as a weighted sum of log-probabilities; the weights (and the lexical scores' scale) are
+chosen by F1-macro on out-of-fold predictions of train + validation, so ~3,000 products choose them
+instead of a ~500-product validation split, and the test split never does. Then every expert is refitted
+on train + validation. A temperature fitted on the same out-of-fold scores calibrates the confidence.
+
+On the real sample this beats the fusion MLP by a wide margin (README, "Model quality"): the SIGIR eCom'20
+Rakuten winners also fused per-modality experts at the decision level. Weights are plain arrays (npz), no
+pickle; scoring is a sparse and two dense matrix products.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.svm import LinearSVC
+
+from lib.model.metrics import summary
+from lib.model.network import fit_temperature
+
+EXPERTS = ("lexical", "text", "image")
+EXPERTS_FILE = "experts.npz"
+FUSION_FILE = "fusion.json"
+# Fusion weights tried for the text and image experts (the lexical expert's is 1: only ratios matter),
+# and scales of the SVM's margins before their softmax.
+WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0, 3.0)
+LEXICAL_SCALES = (3.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Regularisation of each expert (what Ray Tune searches)."""
+
+    lexical_c: float = 1.5
+    text_c: float = 3.0
+    image_c: float = 3.0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The three inputs of n products, row-aligned."""
+
+    lexical: sp.csr_matrix  # (n, lexical_dim) TF-IDF rows
+    text: np.ndarray  # (n, text_dim)
+    image: np.ndarray  # (n, image_dim); zero rows: no image
+
+    @property
+    def has_image(self) -> np.ndarray:
+        return np.abs(self.image).sum(axis=1) > 0
+
+    def rows(self, index: np.ndarray) -> Inputs:
+        return Inputs(self.lexical[index], self.text[index], self.image[index])
+
+
+@dataclass
+class LinearExpert:
+    """Class scores = x · coef + intercept (zero scores for every class the expert never saw)."""
+
+    coef: np.ndarray  # (dim, n_classes) float32
+    intercept: np.ndarray  # (n_classes,) float32
+
+    def scores(self, x) -> np.ndarray:
+        return np.asarray(x @ self.coef) + self.intercept
+
+    @classmethod
+    def from_sklearn(cls, model, n_classes: int) -> LinearExpert:
+        coef = np.zeros((model.coef_.shape[1], n_classes), np.float32)
+        intercept = np.full(n_classes, -1e4 if isinstance(model, LogisticRegression) else -1e2, np.float32)
+        coef[:, model.classes_] = model.coef_.T
+        intercept[model.classes_] = model.intercept_
+        return cls(coef, intercept)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def fit_experts(x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig) -> dict[str, LinearExpert]:
+    """The three experts fitted on these rows (class-balanced: F1-macro weighs every class alike)."""
+    lexical = LinearSVC(C=config.lexical_c, class_weight="balanced", random_state=0).fit(x.lexical, y)
+    text = LogisticRegression(C=config.text_c, max_iter=2000, class_weight="balanced").fit(x.text, y)
+    out = {"lexical": LinearExpert.from_sklearn(lexical, n_classes),
+           "text": LinearExpert.from_sklearn(text, n_classes)}  # fmt: skip
+    with_image = x.has_image
+    if len(np.unique(y[with_image])) > 1:
+        image = LogisticRegression(C=config.image_c, max_iter=2000, class_weight="balanced")
+        out["image"] = LinearExpert.from_sklearn(image.fit(x.image[with_image], y[with_image]), n_classes)
+    return out
+
+
+def expert_log_probs(experts: dict[str, LinearExpert], x: Inputs) -> dict[str, np.ndarray]:
+    """Each expert's (n, n_classes) log-probabilities; the lexical one as raw SVM margins (scaled later),
+    the image one zero where a product has no image (it then abstains from the fusion)."""
+    out = {
+        "lexical": experts["lexical"].scores(x.lexical),
+        "text": log_softmax(experts["text"].scores(x.text)),
+    }
+    image = np.zeros_like(out["text"])
+    if "image" in experts:
+        image[x.has_image] = log_softmax(experts["image"].scores(x.image[x.has_image]))
+    out["image"] = image
+    return out
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    """Weights of the experts' log-probabilities (the lexical expert's is 1) and the SVM margins' scale."""
+
+    lexical_scale: float = 10.0
+    text: float = 1.0
+    image: float = 1.0
+
+    def fuse(self, parts: dict[str, np.ndarray]) -> np.ndarray:
+        """Fused class scores: logits whose softmax (at the card's temperature) is the prediction."""
+        lexical = log_softmax(parts["lexical"] * self.lexical_scale)
+        return lexical + self.text * parts["text"] + self.image * parts["image"]
+
+
+def choose_weights(parts: dict[str, np.ndarray], y: np.ndarray) -> FusionWeights:
+    """The grid point with the best F1-macro on these (out-of-fold) rows; ties keep the simpler (first)."""
+    best, best_f1 = None, -1.0
+    for scale, text, image in itertools.product(LEXICAL_SCALES, WEIGHT_GRID, WEIGHT_GRID):
+        weights = FusionWeights(scale, text, image)
+        f1 = summary(y, weights.fuse(parts).argmax(1))["f1_macro"]
+        if f1 > best_f1:
+            best, best_f1 = weights, f1
+    return best
+
+
+def out_of_fold(
+    x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig, folds: int, seed: int, on_fold=None
+) -> dict[str, np.ndarray]:
+    """Every row's expert log-probabilities from experts that did not see it (k-fold).
+
+    ``on_fold(k, parts_so_far, done_mask)`` is called after each fold (Tune reports from it).
+    """
+    parts = {name: np.zeros((len(y), n_classes), np.float32) for name in EXPERTS}
+    done = np.zeros(len(y), bool)
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for k, (fit_rows, held_out) in enumerate(splitter.split(np.zeros(len(y)), y), start=1):
+        scored = expert_log_probs(
+            fit_experts(x.rows(fit_rows), y[fit_rows], n_classes, config), x.rows(held_out)
+        )
+        for name in EXPERTS:
+            parts[name][held_out] = scored[name]
+        done[held_out] = True
+        if on_fold is not None:
+            on_fold(k, parts, done)
+    return parts
+
+
+@dataclass
+class ExpertEnsemble:
+    """The fitted experts and their fusion: inputs → (n, n_classes) logits."""
+
+    experts: dict[str, LinearExpert]
+    weights: FusionWeights
+    config: ExpertConfig
+
+    def logits(self, x: Inputs) -> np.ndarray:
+        return self.weights.fuse(expert_log_probs(self.experts, x))
+
+    def save(self, directory: Path) -> None:
+        arrays = {f"{name}_{part}": getattr(expert, part) for name, expert in self.experts.items()
+                  for part in ("coef", "intercept")}  # fmt: skip
+        np.savez(directory / EXPERTS_FILE, **arrays)
+        meta = {"weights": asdict(self.weights), "config": asdict(self.config), "experts": list(self.experts)}
+        (directory / FUSION_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> ExpertEnsemble:
+        meta = json.loads((directory / FUSION_FILE).read_text())
+        with np.load(directory / EXPERTS_FILE) as arrays:
+            experts = {name: LinearExpert(arrays[f"{name}_coef"], arrays[f"{name}_intercept"])
+                       for name in meta["experts"]}  # fmt: skip
+        return cls(experts, FusionWeights(**meta["weights"]), ExpertConfig(**meta["config"]))
+
+
+def fit_ensemble(
+    x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig, folds: int, seed: int
+) -> tuple[ExpertEnsemble, float]:
+    """Weights and temperature chosen on out-of-fold scores of these rows, then experts refitted on all.
+
+    Returns the ensemble and its calibration temperature.
+    """
+    parts = out_of_fold(x, y, n_classes, config, folds, seed)
+    weights = choose_weights(parts, y)
+    temperature = fit_temperature(weights.fuse(parts), y)
+    return ExpertEnsemble(fit_experts(x, y, n_classes, config), weights, config), temperature
