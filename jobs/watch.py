@@ -89,6 +89,27 @@ def ensure_running(settings: Settings) -> str:
     return submitter.submit(WATCHER_ENTRYPOINT, settings, f"watcher-{int(time.time())}")
 
 
+def watch(settings: Settings, passes: int | None = None, make_watcher=Watcher, sleep=time.sleep) -> int:
+    """Scan every ``watch_interval_s`` (``passes`` times; None: forever). A pass that fails (S3, the job
+    API or MLflow unreachable) is reported and retried with a doubling back-off: the loop never dies of
+    an outage. Returns the number of failed passes."""
+    watcher, delay, failures, done = None, settings.watch_interval_s, 0, 0
+    while passes is None or done < passes:
+        try:
+            watcher = watcher or make_watcher(settings)
+            watcher.scan()
+            watcher.maybe_monitor()
+            delay = settings.watch_interval_s
+        except Exception as err:
+            failures, watcher = failures + 1, None
+            delay = min(delay * 2, settings.watch_max_backoff_s)
+            print(f"watch pass failed ({type(err).__name__}: {err}); retrying in {delay:.0f} s", flush=True)
+        done += 1
+        if passes is None or done < passes:
+            sleep(delay)
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.watch", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -99,14 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensure:
         print(f"watcher job: {ensure_running(settings)}")
         return 0
-    watcher = Watcher(settings)
     print(f"watching s3://{settings.bucket_incoming}/ every {settings.watch_interval_s} s", flush=True)
-    while True:
-        watcher.scan()
-        watcher.maybe_monitor()
-        if args.once:
-            return 0
-        time.sleep(settings.watch_interval_s)
+    failures = watch(settings, passes=1 if args.once else None)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
 
     # --- orchestration -----------------------------------------------------------------------------
     watch_interval_s: float = Field(5.0, description="How often the watcher lists incoming/.")
+    watch_max_backoff_s: float = Field(
+        60.0, description="Longest wait between retries of a failed watch pass."
+    )
     pipeline_max_retries: int = Field(1, description="Resubmissions of a failed pipeline per ZIP content.")
     monitor_interval_s: float = Field(3600.0, description="How often the watcher runs the drift monitor.")
     monitor_window_hours: float = 24.0
@@ -129,6 +132,9 @@ class Settings(BaseSettings):
     lexical_char_ngram_max: int = Field(5, description="...to this length.")
     lexical_min_df: int = Field(2, description="Training products a term must occur in to be kept.")
     lexical_max_features: int = Field(100_000, description="Most frequent terms kept per analyzer.")
+    max_field_chars: int = Field(
+        5_000, description="Characters of a title or a description kept after cleaning (bounds every stage)."
+    )
     lexical_max_chars: int = Field(
         2_000, description="Characters of title + description the TF-IDF block reads (bounds a request)."
     )

@@ -199,7 +199,8 @@ def build_input(
         image = None  # an empty file part: a form submitted without choosing a file
     if image is not None:
         check_image_header(image, settings.max_image_bytes, settings.max_image_pixels)
-    designation_clean, description_clean = clean_text(designation), clean_text(description)
+    cap = settings.max_field_chars
+    designation_clean, description_clean = clean_text(designation, cap), clean_text(description, cap)
     text = product_text(designation_clean, description_clean, settings.text_max_chars)
     if not text.strip() and image is None:
         raise InputError(422, "give at least one of 'designation', 'description' or an image")

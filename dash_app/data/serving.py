@@ -107,7 +107,10 @@ class ServingClient:
         index = self.lake.similarity_index()
         if len(index.products) == 0:
             raise Unavailable("The catalogue has no embeddings for the production model's encoders yet.")
-        text = product_text(clean_text(designation), clean_text(description), self.settings.text_max_chars)
+        cap = self.settings.max_field_chars
+        text = product_text(
+            clean_text(designation, cap), clean_text(description, cap), self.settings.text_max_chars
+        )
         try:
             q_text, q_image = self.encoders.encode(text, image)
         except Exception as err:

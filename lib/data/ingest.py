@@ -124,8 +124,11 @@ def _to_int(series: pd.Series) -> pd.Series:
     return pd.to_numeric(series.str.strip(), errors="coerce").astype("Int64")
 
 
-def validate_rows(x: pd.DataFrame, y: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Clean texts, check ids and labels, drop in-batch duplicates (the last row wins).
+def validate_rows(
+    x: pd.DataFrame, y: pd.DataFrame | None, max_chars: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Clean texts (at most ``max_chars`` each), check ids and labels, drop in-batch duplicates (the
+    last row wins).
 
     Returns (accepted products, reject rows).
     """
@@ -135,8 +138,8 @@ def validate_rows(x: pd.DataFrame, y: pd.DataFrame | None) -> tuple[pd.DataFrame
     frame["row"] = pd.to_numeric(frame["row"], errors="coerce").fillna(-1).astype("int64")
     frame["productid"] = _to_int(frame["productid"])
     frame["imageid"] = _to_int(frame["imageid"])
-    frame["designation_clean"] = frame["designation"].map(clean_text)
-    frame["description_clean"] = frame["description"].map(clean_text)
+    frame["designation_clean"] = frame["designation"].map(lambda raw: clean_text(raw, max_chars))
+    frame["description_clean"] = frame["description"].map(lambda raw: clean_text(raw, max_chars))
     if y is not None:
         labels = y["prdtypecode"].copy()
         labels.index = pd.to_numeric(labels.index, errors="coerce")
@@ -387,7 +390,7 @@ def read_batch(settings: Settings, bucket: str, key: str) -> _ParsedBatch:
         y = parse_csv(zf.read(contents.y_member), contents.y_member, Y_COLUMNS) if contents.y_member else None
         if x.empty:
             raise IngestError(f"{contents.x_member} has no product rows (empty batch)")
-        products, rejects = validate_rows(x, y)
+        products, rejects = validate_rows(x, y, settings.max_field_chars)
         if products.empty:
             raise IngestError(f"no valid product in the batch: {rejects['reason'].value_counts().to_dict()}")
         members = [

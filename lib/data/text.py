@@ -12,20 +12,28 @@ import unicodedata
 
 _TAG_RE = re.compile(r"<[^<>]{0,500}>")
 _SPACE_RE = re.compile(r"\s+")
+# Markup and entities shrink when cleaned: a capped field keeps this many raw characters per clean one.
+RAW_CHARS_PER_CLEAN_CHAR = 4
 
 
-def clean_text(raw: object) -> str:
-    """HTML-unescape, strip tags, NFC-normalise, drop control characters, collapse whitespace."""
+def clean_text(raw: object, max_chars: int | None = None) -> str:
+    """HTML-unescape, strip tags, NFC-normalise, drop control characters, collapse whitespace.
+
+    ``max_chars`` bounds the result, and the work: a multi-megabyte field is cut before it is cleaned.
+    """
     if raw is None or (isinstance(raw, float) and raw != raw):  # None or NaN from pandas
         return ""
     text = str(raw)
+    if max_chars is not None:
+        text = text[: max_chars * RAW_CHARS_PER_CLEAN_CHAR]
     # Some descriptions are escaped twice (``&amp;eacute;``); tags may hide behind entities.
     for _ in range(2):
         text = html.unescape(text)
     text = _TAG_RE.sub(" ", text)
     text = unicodedata.normalize("NFC", text)
     text = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
-    return _SPACE_RE.sub(" ", text).strip()
+    text = _SPACE_RE.sub(" ", text).strip()
+    return text if max_chars is None else text[:max_chars]
 
 
 # Separates the title from the description in a lexical text (cleaned fields never hold a newline).

@@ -68,9 +68,11 @@ def build_dataset(
     codes = sorted(int(c) for c in labelled["prdtypecode"].unique())
     index = {code: i for i, code in enumerate(codes)}
     productid = labelled["productid"].to_numpy(np.int64)
-    fingerprint = hashlib.sha256(
-        "\n".join([f"{seed}:{val_fraction}:{test_fraction}", *labelled["embed_hash"]]).encode()
-    ).hexdigest()[:16]
+    # What a model trained on these rows depends on: the split, each row's inputs and its label (a batch
+    # that only corrects labels must retrain).
+    rows = [f"{h}:{int(c)}" for h, c in zip(labelled["embed_hash"], labelled["prdtypecode"], strict=True)]
+    fingerprint = hashlib.sha256("\n".join([f"{seed}:{val_fraction}:{test_fraction}", *rows]).encode())
+    fingerprint = fingerprint.hexdigest()[:16]
     return Dataset(
         text=to_matrix(labelled["text_emb"], text_dim),
         image=to_matrix(labelled["image_emb"], image_dim),

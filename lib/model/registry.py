@@ -47,11 +47,23 @@ def log_model(model_dir: Path, card: dict, pip_requirements: list[str]):
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str):
-    """The model version behind ``alias``, or None."""
+    """The model version behind ``alias``; None only when the model or the alias does not exist.
+
+    Any other error (the server down, a locked database) propagates: it must never read as "no
+    production model", which would promote without comparing.
+    """
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if is_not_found(err):
+            return None
+        raise
+
+
+def is_not_found(err: MlflowException) -> bool:
+    """MLflow's answer for a missing registered model or alias (not an outage)."""
+    missing_alias = err.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(err)
+    return err.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias
 
 
 def load_version(client: MlflowClient, name: str, version: str) -> LoadedModel:

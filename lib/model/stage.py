@@ -89,7 +89,9 @@ def run_train_stage(
     if production is not None and not force:
         card = registry.load_version(client, settings.registered_model_name, production.version).card
         if card.get("data_fingerprint") == data.fingerprint:
-            return TrainOutcome(True, f"embeddings unchanged since production v{production.version}")
+            return TrainOutcome(
+                True, f"data (embeddings and labels) unchanged since production v{production.version}"
+            )
 
     # Created here, in the driver, before any trial touches the tracking store (concurrent first use fails).
     experiment = mlflow.set_experiment(settings.mlflow_experiment)

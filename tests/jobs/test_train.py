@@ -75,16 +75,20 @@ def write_synthetic_embeddings(settings, noise: float = 1.0, seed: int = 0) -> N
     )
 
 
+def fresh_catalogue(settings, seed: int) -> None:
+    """A fresh lake and registry holding 400 ingested products with synthetic embeddings."""
+    reset_lake_and_registry(settings)
+    buf = io.BytesIO()
+    write_sample_zip(SampleSpec(products=400, seed=seed, image_size=32), buf)
+    put_bytes(s3_client(settings), settings.bucket_incoming, f"train-{seed}.zip", buf.getvalue())
+    ingest_job.run(f"s3://{settings.bucket_incoming}/train-{seed}.zip", settings)
+    write_synthetic_embeddings(settings)
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, stack):
-    """A fresh lake and registry, 400 ingested products with embeddings, one 3-trial tuning run."""
-    reset_lake_and_registry(stack)
-    client = s3_client(stack)
-    buf = io.BytesIO()
-    write_sample_zip(SampleSpec(products=400, seed=11, image_size=32), buf)
-    put_bytes(client, stack.bucket_incoming, "train.zip", buf.getvalue())
-    ingest_job.run(f"s3://{stack.bucket_incoming}/train.zip", stack)
-    write_synthetic_embeddings(stack)
+    """400 products with embeddings, one 3-trial tuning run of the fusion MLP."""
+    fresh_catalogue(stack, seed=11)
     # The fusion MLP (the experts, the default head, have their own test below).
     return train_job.run(stack.model_copy(update={"head_kind": "mlp"}), trials=3, max_epochs=6)
 
@@ -235,13 +239,7 @@ def test_replay_trains_exactly_the_given_configurations_in_order(trained, stack)
 def test_the_default_head_is_the_experts_tuned_fold_by_fold_and_promoted(trained, stack):
     """On a fresh registry: the experts' trials report one out-of-fold score per fold, the model is
     registered with its fusion weights, beats nothing (first model) and serves probabilities."""
-    reset_lake_and_registry(stack)
-    client = s3_client(stack)
-    buf = io.BytesIO()
-    write_sample_zip(SampleSpec(products=400, seed=12, image_size=32), buf)
-    put_bytes(client, stack.bucket_incoming, "experts.zip", buf.getvalue())
-    ingest_job.run(f"s3://{stack.bucket_incoming}/experts.zip", stack)
-    write_synthetic_embeddings(stack)
+    fresh_catalogue(stack, seed=12)
     out = train_job.run(stack, trials=2)
     assert stack.head_kind == "experts" and out.decision.promoted
     mlflow_client = MlflowClient(stack.mlflow_uri)

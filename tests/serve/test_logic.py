@@ -340,3 +340,12 @@ def test_writer_keeps_rows_while_s3_is_down_and_drops_the_oldest_beyond_the_boun
     assert versions == ["2", "3", "4", "5", "6"]  # the two oldest were dropped
     writer.close(2)
     assert writer.stats()["pending"] == 0 and "S3 is down" in writer.stats()["last_error"]
+
+
+def test_a_multi_megabyte_title_is_bounded_before_any_work():
+    """A 5 MB title used to reach the encoder and the TF-IDF block whole (no answer within 20 s)."""
+    item = logic.build_input("Piscine " * 700_000, "Bâche " * 700_000, None, SETTINGS)
+    assert len(item.designation) <= SETTINGS.max_field_chars
+    assert len(item.description) <= SETTINGS.max_field_chars
+    assert len(item.lexical_text(SETTINGS.lexical_max_chars)) <= SETTINGS.lexical_max_chars
+    assert len(item.text) <= SETTINGS.max_field_chars + SETTINGS.text_max_chars + 3

@@ -27,3 +27,10 @@ def test_unicode_is_normalised_to_nfc():
 def test_product_text_truncates_the_description_only():
     assert product_text("Titre", "abcdef", 3) == "Titre . abc"
     assert product_text("Titre", "", 3) == "Titre"
+
+
+def test_a_capped_field_is_cut_before_cleaning_and_after():
+    huge = "<b>Console</b> PS4 " * 300_000  # about 5 MB of markup and words
+    cleaned = clean_text(huge, 1000)
+    assert len(cleaned) == 1000 and cleaned.startswith("Console PS4 Console")
+    assert clean_text("court", 1000) == clean_text("court")

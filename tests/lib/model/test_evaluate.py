@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mlflow.exceptions import MlflowException, RestException
 
 from lib.model.evaluate import decide_promotion
 from lib.model.metrics import expected_calibration_error
 from lib.model.network import fit_temperature, softmax
+from lib.model.registry import version_by_alias
 
 
 def test_promotion_needs_a_strict_improvement():
@@ -27,3 +29,26 @@ def test_temperature_scaling_recovers_overconfidence_and_lowers_ece():
     before = expected_calibration_error(softmax(overconfident[2000:]), y[2000:])
     after = expected_calibration_error(softmax(overconfident[2000:], t), y[2000:])
     assert after < before / 2
+
+
+def test_an_mlflow_outage_is_not_a_missing_production_model():
+    """version_by_alias: None for a missing model or alias, but an outage propagates (no blind promotion)."""
+
+    class Registry:  # stands in for MlflowClient: only the error it raises matters here
+        def __init__(self, error: MlflowException) -> None:
+            self.error = error
+
+        def get_model_version_by_alias(self, name: str, alias: str):
+            raise self.error
+
+    # What the MLflow server answers over REST for a missing alias and a missing model.
+    missing_alias = RestException(
+        {"error_code": "INVALID_PARAMETER_VALUE", "message": "Registered model alias production not found."}
+    )
+    missing_model = RestException(
+        {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "Registered Model with name=m not found"}
+    )
+    assert version_by_alias(Registry(missing_alias), "m", "production") is None
+    assert version_by_alias(Registry(missing_model), "m", "production") is None
+    with pytest.raises(MlflowException, match="locked"):
+        version_by_alias(Registry(MlflowException("database is locked")), "m", "production")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from lib.features.lexical import LexicalSpec
 from lib.model.artifact import read_model_dir, write_model_dir
-from lib.model.dataset import Dataset, with_lexical
+from lib.model.dataset import Dataset, build_dataset, with_lexical
 from lib.model.network import FusionConfig, MultimodalMLP, load_trained, predict_logits
 from lib.model.split import TEST, TRAIN, assign_splits
 from lib.model.train import (
@@ -147,3 +148,13 @@ def test_wide_only_lexical_head_is_a_linear_model_over_the_tfidf_block():
     assert model.body is None and model.lexical is None and model.wide is not None
     result = train_model(data, model_config, train_config)
     assert result.best_val["val_f1_macro"] > 0.95
+
+
+def test_a_label_correction_changes_the_data_fingerprint():
+    """Training is skipped on an unchanged fingerprint: a batch that only fixes labels must change it."""
+    rows = pd.DataFrame({"productid": [1, 2, 3], "prdtypecode": [10, 20, 10], "embed_hash": ["a", "b", "c"],
+                         "text_emb": [np.zeros(2)] * 3, "image_emb": [np.zeros(2)] * 3})  # fmt: skip
+    corrected = rows.assign(prdtypecode=[10, 20, 20])
+    fingerprint = build_dataset(rows, 2, 2, 0, 0.15, 0.15).fingerprint
+    assert build_dataset(corrected, 2, 2, 0, 0.15, 0.15).fingerprint != fingerprint
+    assert build_dataset(rows.copy(), 2, 2, 0, 0.15, 0.15).fingerprint == fingerprint
