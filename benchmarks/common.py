@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import ray
 
 from lib.data.rakuten import X_FILE, Y_FILE
 from lib.ops import stack as stack_mod
@@ -70,6 +71,8 @@ def bench_stack() -> Iterator[Settings]:
     try:
         yield settings
     finally:
+        # Leave the cluster before stopping it: a driver whose GCS vanishes exits with status 1.
+        ray.shutdown()
         stack_mod.down(settings)
 
 
