@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
 from lib.model.metrics import summary
-from lib.model.network import fit_temperature
+from lib.model.network import fit_temperature, log_softmax
 
 EXPERTS = ("lexical", "text", "image")
 EXPERTS_FILE = "experts.npz"
@@ -80,11 +80,6 @@ class LinearExpert:
         coef[:, model.classes_] = model.coef_.T
         intercept[model.classes_] = model.intercept_
         return cls(coef, intercept)
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def fit_experts(x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig) -> dict[str, LinearExpert]:

@@ -165,12 +165,16 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax(logits / temperature), numerically stable: (n, n_classes) probabilities."""
+def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise log softmax(logits / temperature), numerically stable: (n, n_classes)."""
     z = logits / temperature
     z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax(logits / temperature): (n, n_classes) probabilities."""
+    return np.exp(log_softmax(logits, temperature))
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray, grid: np.ndarray | None = None) -> float:
@@ -182,6 +186,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, grid: np.ndarray | None =
     rows = np.arange(len(y))
 
     def nll(t: float) -> float:
-        return float(-np.log(np.clip(softmax(logits, t)[rows, y], 1e-12, None)).mean())
+        # Bounded per row, so one product the head finds impossible cannot decide the temperature alone.
+        return float(-np.maximum(log_softmax(logits, t)[rows, y], np.log(1e-12)).mean())
 
     return float(min(grid, key=nll))
