@@ -17,7 +17,7 @@ import torch
 
 from lib.features.lexical import IDF_FILE, VOCABULARY_FILE, LexicalFeatures
 from lib.model.experts import EXPERTS_FILE, FUSION_FILE, ExpertEnsemble, Inputs
-from lib.model.network import FusionConfig, MultimodalMLP, predict_logits, softmax
+from lib.model.network import Calibration, FusionConfig, MultimodalMLP, predict_logits
 
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "card.json"
@@ -66,8 +66,8 @@ class LoadedModel:
     def probabilities(
         self, text: np.ndarray, image: np.ndarray, texts: list[str] | None = None
     ) -> np.ndarray:
-        """(n, n_classes) calibrated probabilities: softmax of the logits at the card's temperature."""
-        return softmax(self.logits(text, image, texts), self.card.get("temperature", 1.0))
+        """(n, n_classes) calibrated probabilities (the card's ``lib.model.network.Calibration``)."""
+        return Calibration.from_card(self.card).probabilities(self.logits(text, image, texts))
 
 
 def write_model_dir(

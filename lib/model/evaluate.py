@@ -15,7 +15,14 @@ from lib.model import metrics, registry
 from lib.model.artifact import LoadedModel
 from lib.model.dataset import Dataset
 from lib.model.experts import ExpertConfig, ExpertEnsemble, expert_log_probs, fit_ensemble
-from lib.model.network import FusionConfig, fit_temperature, load_trained, predict_logits, softmax
+from lib.model.network import (
+    Calibration,
+    FusionConfig,
+    fit_calibration,
+    load_trained,
+    predict_logits,
+    softmax,
+)
 from lib.model.split import TEST, VAL
 from lib.model.train import TrainConfig, TrainResult, configs_from_trial, train_model
 from lib.model.tune import DEFAULT_TRIAL
@@ -29,7 +36,9 @@ class FittedHead:
     The fusion MLP: trained on train with early stopping on val. The experts: fitted on train + val.
     """
 
-    report: dict[str, float]  # f1_macro, f1_weighted, accuracy, temperature, ece_before, ece_after
+    # f1_macro, f1_weighted, accuracy, temperature, slope, intercept (lib.model.network.Calibration),
+    # ece_before, ece_after
+    report: dict[str, float]
     predicted: np.ndarray  # predicted label index of each test product
     model_config: FusionConfig | None = None  # the MLP's
     train_config: TrainConfig | None = None
@@ -54,36 +63,39 @@ class PromotionDecision:
 def test_report(data: Dataset, model) -> tuple[dict, np.ndarray]:
     """Test metrics of a trained MLP, with its calibration; returns (metrics, predicted label indices).
 
-    The temperature is fitted on the validation split.
+    The calibration is fitted on the validation split.
     """
     val_text, val_image, y_val = data.part(VAL)
     text, image, _ = data.part(TEST)
-    temperature = fit_temperature(predict_logits(model, val_text, val_image, data.lexical_part(VAL)), y_val)
+    calibration = fit_calibration(predict_logits(model, val_text, val_image, data.lexical_part(VAL)), y_val)
     return scored(
-        predict_logits(model, text, image, data.lexical_part(TEST)), data.part(TEST)[2], temperature
+        predict_logits(model, text, image, data.lexical_part(TEST)), data.part(TEST)[2], calibration
     )
 
 
-def scored(logits: np.ndarray, y: np.ndarray, temperature: float) -> tuple[dict, np.ndarray]:
-    """F1-macro, weighted F1, accuracy, and the expected calibration error before and after the
-    temperature; and the predicted label indices."""
-    report = metrics.summary(y, logits.argmax(1)) | {
-        "temperature": temperature,
-        "ece_before": metrics.expected_calibration_error(softmax(logits), y),
-        "ece_after": metrics.expected_calibration_error(softmax(logits, temperature), y),
-    }
+def scored(logits: np.ndarray, y: np.ndarray, calibration: Calibration) -> tuple[dict, np.ndarray]:
+    """F1-macro, weighted F1, accuracy, the calibration's parameters, and the expected calibration error
+    before and after it; and the predicted label indices."""
+    report = (
+        metrics.summary(y, logits.argmax(1))
+        | calibration.to_dict()
+        | {
+            "ece_before": metrics.expected_calibration_error(softmax(logits), y),
+            "ece_after": metrics.expected_calibration_error(calibration.probabilities(logits), y),
+        }
+    )
     return report, logits.argmax(1)
 
 
 def fit_and_test_experts(data: Dataset, config: ExpertConfig, folds: int, seed: int) -> FittedHead:
-    """The experts fitted on train + val (fusion weights and temperature from out-of-fold scores), scored
+    """The experts fitted on train + val (fusion weights and calibration from out-of-fold scores), scored
     on test."""
     rows = data.split != TEST
-    ensemble, temperature = fit_ensemble(
+    ensemble, calibration = fit_ensemble(
         data.inputs(rows), data.y[rows], len(data.codes), config, folds, seed
     )
     report, predicted = scored(
-        ensemble.logits(data.inputs(data.split == TEST)), data.part(TEST)[2], temperature
+        ensemble.logits(data.inputs(data.split == TEST)), data.part(TEST)[2], calibration
     )
     return FittedHead(report, predicted, ensemble=ensemble)
 

@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from lib.errors import UserError
 from lib.model.artifact import LoadedModel, input_dims, model_files, read_model_dir, reads_text
 
 PRODUCTION = "production"
@@ -66,6 +67,16 @@ def is_not_found(err: MlflowException) -> bool:
     return err.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias
 
 
+def aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """Alias → version of the registered model (a clear error if nothing was ever registered)."""
+    try:
+        return dict(client.get_registered_model(name).aliases)
+    except MlflowException as err:
+        if is_not_found(err):
+            raise UserError(f"no model named {name!r} is registered yet: run the pipeline first") from err
+        raise
+
+
 def load_version(client: MlflowClient, name: str, version: str) -> LoadedModel:
     """Download one registered version and load it."""
     source = client.get_model_version(name, version).source
@@ -88,7 +99,7 @@ def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     current = version_by_alias(client, name, PRODUCTION)
     previous = version_by_alias(client, name, PREVIOUS)
     if current is None or previous is None:
-        raise RuntimeError(f"rollback needs both @{PRODUCTION} and @{PREVIOUS} on model {name!r}")
+        raise UserError(f"rollback needs both @{PRODUCTION} and @{PREVIOUS} on model {name!r}")
     client.set_registered_model_alias(name, PRODUCTION, previous.version)
     client.set_registered_model_alias(name, PREVIOUS, current.version)
     return previous.version, current.version

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from lib.data.rakuten import class_name
+from lib.errors import UserError
 from lib.model import metrics, registry
 from lib.model.artifact import EXPERTS_KIND, MLP_KIND, write_model_dir
 from lib.model.dataset import Dataset, load_dataset
@@ -84,7 +85,10 @@ def run_train_stage(
     client = MlflowClient(settings.mlflow_uri)
     data, lineage = load_dataset(s3, settings)
     if len(data.y) == 0 or min(data.counts().values()) == 0:
-        raise RuntimeError(f"not enough labelled, embedded products to train: split counts {data.counts()}")
+        raise NotEnoughData(
+            f"not enough labelled, embedded products to train (split counts {data.counts()}): ingest a "
+            "ZIP with its Y file (labels) first"
+        )
     production = registry.version_by_alias(client, settings.registered_model_name, registry.PRODUCTION)
     if production is not None and not force:
         card = registry.load_version(client, settings.registered_model_name, production.version).card
@@ -165,8 +169,13 @@ def _log_evaluation(data: Dataset, head: FittedHead, ablation: dict[str, dict]) 
 
 
 def _calibration(report: dict) -> dict[str, float]:
-    return {"temperature": report["temperature"], "test_ece_before": report["ece_before"],
-            "test_ece_after": report["ece_after"]}  # fmt: skip
+    """The calibration's parameters (``lib.model.network.Calibration``) and its test ECE."""
+    return {"temperature": report["temperature"], "slope": report["slope"], "intercept": report["intercept"],
+            "test_ece_before": report["ece_before"], "test_ece_after": report["ece_after"]}  # fmt: skip
+
+
+class NotEnoughData(UserError):
+    """The lake holds too few labelled, embedded products for every split."""
 
 
 def model_card(

@@ -121,7 +121,7 @@ def expert_trial_fn(
         f1 = summary(y[done], weights.fuse(seen).argmax(1))["f1_macro"]
         _report(client, run_id, {TARGET: f1}, fold)
 
-    out_of_fold(
+    out_of_fold(  # the fold models are not kept: the final fit redoes the best configuration's folds
         x, y, len(data.codes), ExpertConfig(**config), settings.expert_folds, settings.tune_seed, report
     )
     client.set_terminated(run_id)

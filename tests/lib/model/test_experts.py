@@ -7,7 +7,9 @@ import numpy as np
 from lib.model.artifact import read_model_dir, write_model_dir
 from lib.model.dataset import Dataset, with_lexical
 from lib.model.evaluate import expert_ablation, fit_and_test_experts
-from lib.model.experts import ExpertConfig, FusionWeights, choose_weights
+from lib.model.experts import ExpertConfig, FusionWeights, LinearExpert, average_experts, choose_weights
+from lib.model.metrics import expected_calibration_error
+from lib.model.network import Calibration
 from lib.model.split import TEST
 from tests.lib.model.test_train import LEXICAL_SPEC, toy_dataset
 
@@ -54,8 +56,14 @@ def test_weights_are_the_best_grid_point_on_the_rows_given():
 def test_experts_round_trip_through_the_model_files(tmp_path):
     data = lexical_toy()
     head = fit_and_test_experts(data, ExpertConfig(), folds=3, seed=0)
-    card = {"codes": data.codes, "head_kind": "experts", "reads_text": True, "input_dims": {"text_dim": 8,
-            "image_dim": 6}, "temperature": head.report["temperature"]}  # fmt: skip
+    card = {
+        "codes": data.codes,
+        "head_kind": "experts",
+        "reads_text": True,
+        "input_dims": {"text_dim": 8, "image_dim": 6},
+        "temperature": head.report["temperature"],
+        "calibration": {k: head.report[k] for k in ("slope", "intercept")},
+    }
     loaded = read_model_dir(write_model_dir(tmp_path, None, card, data.lexical_features, head.ensemble))
     test = data.split == TEST
     expected = head.ensemble.logits(data.inputs(test))
@@ -65,3 +73,22 @@ def test_experts_round_trip_through_the_model_files(tmp_path):
     assert np.allclose(
         loaded.probabilities(data.text[test], data.image[test], list(data.texts[test])).sum(1), 1
     )
+
+
+def test_averaged_fold_experts_average_each_class_over_the_folds_that_saw_it():
+    f32 = np.float32
+    a = LinearExpert(np.ones((2, 3), f32), np.array([1, 1, -1e4], f32), np.array([1, 1, 0], bool))
+    b = LinearExpert(np.full((2, 3), 3, f32), np.array([3, 3, 5], f32), np.array([1, 1, 1], bool))
+    mean = average_experts([a, b])
+    assert np.allclose(mean.coef[:, :2], 2) and np.allclose(mean.intercept[:2], 2)
+    # Class 2 was seen by one fold only: its score is that fold's, not dragged down by the other's "never".
+    assert mean.coef[0, 2] == 3 and mean.intercept[2] == 5
+
+
+def test_served_probabilities_are_the_calibrated_ones_the_report_scored():
+    data = lexical_toy()
+    head = fit_and_test_experts(data, ExpertConfig(), folds=3, seed=0)
+    calibration = Calibration(head.report["temperature"], head.report["slope"], head.report["intercept"])
+    test = data.split == TEST
+    probabilities = calibration.probabilities(head.ensemble.logits(data.inputs(test)))
+    assert expected_calibration_error(probabilities, data.y[test]) == head.report["ece_after"]
