@@ -10,7 +10,7 @@ SAMPLE_PRODUCTS ?= 1500
 SAMPLE_SEED ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install up down status logs demo test lint bench clean
+.PHONY: system-deps install up down status logs demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP)  ## create the venv with every pinned dependency
+system-deps:  ## system packages (make, Chromium, ssh, rsync) when missing: idempotent, fast when present
+	@bash scripts/system_deps.sh
+
+install: system-deps $(STAMP)  ## the system packages and a venv with every pinned dependency
 
 up: install  ## start S3, MLflow, Ray, the dashboard, Serve and the watcher on 127.0.0.1 (idempotent)
 	$(PY) -m lib.ops.stack up

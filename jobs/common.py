@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import pandas as pd
 import ray
 
+from lib.errors import UserError
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
 def connect_ray(settings: Settings) -> None:
-    """Join the running cluster: the job's own (under ``ray job submit``) or the configured head."""
+    """Join the running cluster: the job's own (under ``ray job submit``) or the configured head; a
+    clear error at once when it is not running."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or settings.ray_address
+        if "://" not in address and address != "auto":
+            require(settings, "ray", ray_address=address)
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def run_cli(name: str, main: Callable[[], int]) -> int:
+    """Run an entry point's body; a :class:`lib.errors.UserError` is one line on stderr and status 2."""
+    try:
+        return main()
+    except UserError as err:
+        print(f"{name} failed: {err}", file=sys.stderr)
+        return 2
 
 
 def ray_data_mapper(

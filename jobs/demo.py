@@ -18,10 +18,13 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
+from jobs.common import run_cli
 from lib.data.layout import pipeline_record_key
 from lib.data.rakuten import X_FILE, image_member_name
 from lib.data.storage import exists, get_json, s3_client
+from lib.errors import UserError
 from lib.ops.pipeline import STAGES, SUCCEEDED
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
@@ -93,18 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("zip_path", type=Path, help="a Rakuten-format ZIP (e.g. from jobs.make_sample)")
     args = parser.parse_args(argv)
-    settings = get_settings()
+    return run_cli("demo", lambda: demo(args.zip_path, get_settings()))
+
+
+def demo(zip_path: Path, settings: Settings) -> int:
+    """Drop the ZIP, follow its pipeline, query Serve; print what happened."""
+    if not zip_path.is_file():
+        raise UserError(f"{zip_path} is not a file (make one with `python -m jobs.make_sample`)")
+    require(settings, "s3")
     t0 = time.monotonic()
-    s3_client(settings).upload_file(str(args.zip_path), settings.bucket_incoming, args.zip_path.name)
-    batch_id = file_batch_id(args.zip_path)
+    s3_client(settings).upload_file(str(zip_path), settings.bucket_incoming, zip_path.name)
+    batch_id = file_batch_id(zip_path)
     print(
-        f"uploaded {args.zip_path} → s3://{settings.bucket_incoming}/{args.zip_path.name} "
+        f"uploaded {zip_path} → s3://{settings.bucket_incoming}/{zip_path.name} "
         f"(batch {batch_id}); the watcher runs the pipeline:",
         flush=True,
     )
     wait_for_pipeline(settings, batch_id, settings.pipeline_timeout_s)
     health = wait_for_serve(settings, settings.serve_ready_timeout_s)
-    body = sample_request(args.zip_path)
+    body = sample_request(zip_path)
     answer = httpx.post(f"{settings.serve_url}/predict", json=body, timeout=30).json()
     text_only = {"designation": body["designation"], "description": body["description"][:200]}
     print(f"\nServe is up with model {health.get('model_name')} v{health.get('model_version')}.")

@@ -10,7 +10,7 @@ import time
 
 import ray
 
-from jobs.common import connect_ray
+from jobs.common import connect_ray, run_cli
 from lib.data.layout import embedding_run_prefix
 from lib.data.storage import s3_client
 from lib.features.catalogue import current_catalogue
@@ -23,12 +23,14 @@ from lib.features.embed import (
     plan_encoding,
     with_image_locations,
 )
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
 def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedRun:
     """The embed stage: encode what is missing, write Parquet, commit the run."""
     settings = settings or get_settings()
+    require(settings, "s3")
     connect_ray(settings)
     client = s3_client(settings)
     catalogue = current_catalogue(client, settings, batch_id)
@@ -92,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default=None, help="only the products of this batch id")
     args = parser.parse_args(argv)
-    print(describe(run(batch_id=args.batch)))
-    return 0
+
+    def act() -> int:
+        print(describe(run(batch_id=args.batch)))
+        return 0
+
+    return run_cli("embed", act)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from jobs.common import connect_ray, ray_data_mapper
-from lib.data.ingest import IngestError, IngestResult, ingest_zip
-from lib.data.storage import s3_client
+from jobs.common import connect_ray, ray_data_mapper, run_cli
+from lib.data.ingest import IngestResult, ingest_zip
+from lib.data.storage import s3_client, split_uri
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
@@ -23,6 +23,8 @@ def run(
     ``digest``: the ZIP's (SHA-256, size) if the caller hashed it already.
     """
     settings = settings or get_settings()
+    split_uri(zip_uri)  # a local path is named before anything connects
+    require(settings, "s3")
     connect_ray(settings)
     return ingest_zip(settings, s3_client(settings), zip_uri, mapper=ray_data_mapper, digest=digest)
 
@@ -44,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("zip_uri", help="s3://incoming/NAME.zip")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = parser.parse_args(argv)
-    try:
+
+    def act() -> int:
         result = run(args.zip_uri)
-    except IngestError as err:
-        print(f"ingest failed: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.manifest.to_dict(), indent=2) if args.json else describe(result))
-    return 0
+        print(json.dumps(result.manifest.to_dict(), indent=2) if args.json else describe(result))
+        return 0
+
+    return run_cli("ingest", act)
 
 
 if __name__ == "__main__":

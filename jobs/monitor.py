@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from jobs.common import run_cli
 from lib.ops.monitor import run_monitor
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
@@ -24,14 +26,20 @@ def parse_window(text: str) -> float:
 
 def run(settings: Settings | None = None, window_hours: float | None = None) -> dict:
     """The monitor stage against the configured stack; returns the report."""
-    return run_monitor(settings or get_settings(), window_hours)
+    settings = settings or get_settings()
+    require(settings, "s3", "mlflow")
+    return run_monitor(settings, window_hours)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.monitor", description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=parse_window, default=None, help="e.g. 24h, 90m, 2d")
     args = parser.parse_args(argv)
-    report = run(window_hours=args.window)
+    return run_cli("monitor", lambda: show(run(window_hours=args.window)))
+
+
+def show(report: dict) -> int:
+    """Print the report's verdict and signals."""
     print(f"drift report: {report['verdict']} ({report.get('predictions', 0)} predictions)")
     for s in report["signals"]:
         value = "-" if s["value"] is None else f"{s['value']:.4g}"

@@ -1,22 +1,24 @@
 """The whole pipeline for one ZIP: ingest → embed → train (+ guarded promotion), resumable per stage.
 
+``python -m jobs.pipeline batch:<id>`` finishes a batch already ingested (the watcher retries that way).
+
 ``ray job submit --runtime-env runtime_env.yaml -- python -m jobs.pipeline s3://incoming/NAME.zip``
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import traceback
 from collections.abc import Callable
 
 from jobs import embed, ingest, train
-from jobs.common import connect_ray
+from jobs.common import connect_ray, run_cli
 from lib.data.ingest import IngestError, IngestResult
 from lib.data.storage import exists, s3_client, split_uri
 from lib.data.zip_reader import zip_sha256
 from lib.ops import pipeline as bookkeeping
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
@@ -33,17 +35,10 @@ def run(
     is unchanged, so the ZIP is hashed once per pipeline.
     """
     settings = settings or get_settings()
+    require(settings, "s3", "mlflow")
     connect_ray(settings)
     client = s3_client(settings)
-    bucket, key = split_uri(zip_uri)
-    digest = None
-    if exists(client, bucket, key):
-        digest = zip_digest(client, bucket, key, known)
-        record = bookkeeping.load_record(client, settings, digest[0][:16], zip_uri)
-    else:
-        record = bookkeeping.find_by_source(client, settings, zip_uri)
-        if record is None:
-            raise IngestError(f"{zip_uri} does not exist and no pipeline ran from it")
+    record, digest = find_record(client, settings, zip_uri, known)
     pending = bookkeeping.pending_stages(record)
     if "ingest" in pending:
 
@@ -59,6 +54,27 @@ def run(
             client, settings, record, "train", lambda: train.run(settings, trials, max_epochs).summary()
         )
     return record
+
+
+def find_record(client, settings: Settings, source: str, known) -> tuple[dict, tuple[str, int] | None]:
+    """The pipeline record to run, and the ZIP's digest when the ZIP is still there to ingest.
+
+    ``source``: the ZIP's URI, or ``batch:<id>`` for a batch already ingested (what the watcher
+    resumes: a ZIP's name can be reused for another ZIP, its content id cannot).
+    """
+    if source.startswith(bookkeeping.BATCH_SOURCE):
+        record = bookkeeping.find_by_batch(client, settings, source.removeprefix(bookkeeping.BATCH_SOURCE))
+        if record is None:
+            raise IngestError(f"no pipeline ever ran for {source}")
+        return record, None
+    bucket, key = split_uri(source)
+    if exists(client, bucket, key):
+        digest = zip_digest(client, bucket, key, known)
+        return bookkeeping.load_record(client, settings, digest[0][:16], source), digest
+    record = bookkeeping.find_by_source(client, settings, source)
+    if record is None:
+        raise IngestError(f"{source} does not exist and no pipeline ran from it")
+    return record, None
 
 
 def zip_digest(client, bucket: str, key: str, known: tuple[str, str, int] | None) -> tuple[str, int]:
@@ -107,19 +123,19 @@ def parse_known(text: str) -> tuple[str, str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("zip_uri")
+    parser.add_argument("zip_uri", help="s3://bucket/NAME.zip, or batch:<id> to finish an ingested batch")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--known", type=parse_known, default=None, help="ETAG:SHA256:SIZE of the ZIP")
     args = parser.parse_args(argv)
-    try:
+
+    def act() -> int:
         record = run(args.zip_uri, trials=args.trials, max_epochs=args.max_epochs, known=args.known)
-    except IngestError as err:
-        print(f"pipeline failed: {err}", file=sys.stderr)
-        return 2
-    stages = ", ".join(f"{s} {v['status']}" for s, v in record["stages"].items())
-    print(f"pipeline for batch {record['batch_id']}: {stages}")
-    return 0
+        stages = ", ".join(f"{s} {v['status']}" for s, v in record["stages"].items())
+        print(f"pipeline for batch {record['batch_id']}: {stages}")
+        return 0
+
+    return run_cli("pipeline", act)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import argparse
 
 from mlflow import MlflowClient
 
+from jobs.common import run_cli
 from lib.model import registry
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
@@ -21,10 +23,9 @@ def rollback(settings: Settings | None = None) -> tuple[str, str]:
 
 
 def aliases(settings: Settings | None = None) -> dict[str, str]:
+    """Alias → version of the registered model."""
     settings = settings or get_settings()
-    return dict(
-        MlflowClient(settings.mlflow_uri).get_registered_model(settings.registered_model_name).aliases
-    )
+    return registry.aliases(MlflowClient(settings.mlflow_uri), settings.registered_model_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--rollback", action="store_true", help="production ← previous (and back again)")
     group.add_argument("--show", action="store_true", help="print the aliases")
     args = parser.parse_args(argv)
-    if args.rollback:
-        production, previous = rollback()
-        print(f"rolled back: production → v{production}, previous → v{previous}")
-    else:
-        print(aliases())
-    return 0
+
+    def act() -> int:
+        require(get_settings(), "mlflow")
+        if args.rollback:
+            production, previous = rollback()
+            print(f"rolled back: production → v{production}, previous → v{previous}")
+        else:
+            print(aliases())
+        return 0
+
+    return run_cli("promote", act)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import connect_ray
+from jobs.common import connect_ray, run_cli
 from lib.data.storage import s3_client
 from lib.model.stage import TrainOutcome, run_train_stage
+from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
 
 
@@ -21,6 +22,7 @@ def run(
 ) -> TrainOutcome:
     """The train stage against the configured stack."""
     settings = settings or get_settings()
+    require(settings, "s3", "mlflow")
     connect_ray(settings)
     return run_train_stage(settings, s3_client(settings), trials, max_epochs, force)
 
@@ -43,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--force", action="store_true", help="train even if the embeddings did not change")
     args = parser.parse_args(argv)
-    print(describe(run(trials=args.trials, max_epochs=args.max_epochs, force=args.force)))
-    return 0
+
+    def act() -> int:
+        print(describe(run(trials=args.trials, max_epochs=args.max_epochs, force=args.force)))
+        return 0
+
+    return run_cli("train", act)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class Watcher:
         self._digests: dict[tuple[str, str], tuple[str, int]] = {}  # (key, ETag) → (SHA-256, size)
         self._known: dict[str, tuple[str, str, int]] = {}  # key → (ETag, SHA-256, size) as listed last
         self._given_up: set[str] = set()
+        self._finished: set[str] = set()  # batch ids whose pipeline record has every stage succeeded
         self.last_monitor = time.monotonic()
 
     def incoming(self) -> list[tuple[str, str]]:
@@ -47,13 +48,29 @@ class Watcher:
             out.append((obj["Key"], self._digests[cache_key][0][:16]))
         return out
 
+    def unfinished(self, jobs: dict[str, str]) -> list[tuple[str, str]]:
+        """(``batch:<id>``, batch id) of ingested batches whose later stages need a retry, oldest first."""
+        out = []
+        for record in pipeline.records(self.s3, self.settings, skip=self._finished):
+            if not pipeline.pending_stages(record):
+                self._finished.add(record["batch_id"])
+            elif pipeline.needs_resume(record, jobs):
+                out.append((f"{pipeline.BATCH_SOURCE}{record['batch_id']}", record["batch_id"]))
+        return out
+
     def scan(self) -> list[tuple[str, str, str]]:
         """One pass: plan and act; returns the actions taken."""
         jobs = {j.submission_id: str(j.status.value) for j in self.jobs.list_jobs() if j.submission_id}
-        actions = pipeline.plan(self.incoming(), jobs, self.settings.pipeline_max_retries)
+        unfinished = self.unfinished(jobs)
+        incoming = self.incoming()
+        actions = pipeline.plan(incoming, jobs, self.settings.pipeline_max_retries, unfinished)
         for action, key, submission_id in actions:
             uri = f"s3://{self.settings.bucket_incoming}/{key}"
-            if action == pipeline.SUBMIT:
+            if action == pipeline.RESUME:
+                # The pipeline runs the batch's stages that did not succeed (its ZIP is archived).
+                submitter.submit(f"python -m jobs.pipeline {shlex.quote(key)}", self.settings, submission_id)
+                print(f"submitted {submission_id} to finish {key}", flush=True)
+            elif action == pipeline.SUBMIT:
                 etag, sha, size = self._known[key]  # the pipeline need not hash the ZIP again
                 known = shlex.quote(f"{etag}:{sha}:{size}")
                 entrypoint = f"python -m jobs.pipeline {shlex.quote(uri)} --known {known}"

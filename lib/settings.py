@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # --- data ------------------------------------------------------------------------------------
     max_image_pixels: int = Field(20_000_000, description="Larger images are rejected (decompression bombs).")
     max_image_bytes: int = 10_000_000
+    max_csv_bytes: int = Field(
+        500_000_000, description="A ZIP's CSV larger than this (declared or inflated) is refused (ZIP bombs)."
+    )
     ingest_partition_size: int = Field(256, description="Image members per Ray Data ingest task.")
     upload_threads: int = Field(8, description="Concurrent S3 uploads inside one task.")
 
@@ -201,7 +204,13 @@ class Settings(BaseSettings):
     serve_ready_timeout_s: float = Field(300.0, description="How long `serve.deploy` waits for /health.")
     predlog_flush_rows: int = Field(256, description="Prediction-log rows per Parquet file (at most).")
     predlog_flush_s: float = Field(10.0, description="Buffered prediction rows are written this often.")
-    predlog_max_buffer_rows: int = Field(20_000, description="Rows kept while S3 is down; older are dropped.")
+    predlog_max_buffer_rows: int = Field(
+        20_000, description="Rows kept in memory when neither S3 nor the spool takes them; older are dropped."
+    )
+    predlog_spool_dir: Path | None = Field(
+        None,
+        description="Where prediction-log files wait while S3 is down (default: state_dir/predlog-spool).",
+    )
 
     @field_validator("state_dir")
     @classmethod
@@ -220,6 +229,10 @@ class Settings(BaseSettings):
     @property
     def mlflow_backend_uri(self) -> str:
         return self.mlflow_backend_store_uri or f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def predlog_spool(self) -> Path:
+        return self.predlog_spool_dir or self.state_dir / "predlog-spool"
 
     @property
     def ray_address(self) -> str:

@@ -152,6 +152,7 @@ class FusionModel(_Batched):
             settings.predlog_flush_rows,
             settings.predlog_flush_s,
             settings.predlog_max_buffer_rows,
+            settings.predlog_spool,
         )
         self._start_executor()
         # Loaded before the replica takes traffic: a restarted or added replica answers with a model.

@@ -11,6 +11,7 @@ import hashlib
 import io
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -21,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lib.data import lake, layout
-from lib.data.images import IMAGE_MISSING, IMAGE_UNREADABLE, image_problem, sha256_hex
+from lib.data.images import IMAGE_MISSING, IMAGE_TOO_LARGE, IMAGE_UNREADABLE, image_problem, sha256_hex
 from lib.data.rakuten import IMAGE_NAME_RE, PRDTYPECODES, X_COLUMNS, X_FILE, Y_COLUMNS, Y_FILE
 from lib.data.storage import (
     arrow_fs,
@@ -43,6 +44,7 @@ from lib.data.zip_reader import (
     read_members,
     zip_sha256,
 )
+from lib.errors import UserError
 from lib.settings import Settings
 
 # Row-level reasons (the reject report's ``reason`` column).
@@ -63,7 +65,7 @@ REJECT_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The batch cannot be ingested; the message names the problem. Nothing committed is touched."""
 
 
@@ -118,6 +120,21 @@ def parse_csv(data: bytes, member: str, required: tuple[str, ...]) -> pd.DataFra
     if missing:
         raise IngestError(f"{member} lacks column(s) {missing}; found {list(frame.columns)}")
     return frame
+
+
+def read_csv_member(zf: zipfile.ZipFile, member: str, max_bytes: int) -> bytes:
+    """A CSV member's bytes, refused when it declares more than ``max_bytes`` (a bomb is never inflated)
+    or when its data does not match its header. ``zipfile`` inflates no more than the declared size
+    and checks the CRC, so a member lying about its size is caught as corrupt, memory still bounded."""
+    declared = zf.getinfo(member).file_size
+    if declared > max_bytes:
+        raise IngestError(
+            f"{member} declares {declared:,} bytes, over the {max_bytes:,}-byte limit (max_csv_bytes)"
+        )
+    try:
+        return zf.read(member)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise IngestError(f"{member} is corrupt in the ZIP ({err}); re-create the archive") from err
 
 
 def _to_int(series: pd.Series) -> pd.Series:
@@ -184,6 +201,15 @@ def content_hash(products: pd.DataFrame) -> pd.Series:
     return parts.map(lambda s: hashlib.sha256(s.encode()).hexdigest()[:16])
 
 
+def with_known_labels(products: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+    """``products`` with each missing label taken from the current catalogue (what the product will be
+    once committed: see ``lib.data.lake.newest_rows``)."""
+    if current.empty or products["prdtypecode"].notna().all():
+        return products
+    known = products["productid"].map(current.set_index("productid")["prdtypecode"])
+    return products.assign(prdtypecode=products["prdtypecode"].fillna(known).astype("Int64"))
+
+
 def change_counts(new_hashes: pd.Series, productids: pd.Series, current: pd.DataFrame) -> dict[str, int]:
     """How many accepted products are new, updated or unchanged relative to the current view."""
     if current.empty:
@@ -219,12 +245,19 @@ def store_image_partition(settings: Settings, bucket: str, key: str, tasks: pd.D
     content-addressed key, so a re-run rewrites identical bytes and never clobbers another image.
     """
     client = s3_client(settings)
+    # A member declaring more bytes than an image may have is never read nor inflated (ZIP bomb).
+    oversized = (tasks["file_size"] > settings.max_image_bytes) | (
+        tasks["compress_size"] > settings.max_image_bytes
+    )
     with arrow_fs(settings).open_input_file(f"{bucket}/{key}") as handle:
-        blobs = read_members(handle, tasks)
+        blobs = read_members(handle, tasks.assign(offset=tasks["offset"].where(~oversized, -1)))
     out, uploads = [], {}
-    for productid, member, data in zip(tasks["productid"], tasks["member"], blobs, strict=True):
+    rows = zip(tasks["productid"], tasks["member"], blobs, oversized, strict=True)
+    for productid, member, data, too_large in rows:
         if not isinstance(member, str):
             problem = IMAGE_MISSING
+        elif too_large:
+            problem = IMAGE_TOO_LARGE
         elif data is None:
             problem = IMAGE_UNREADABLE
         else:
@@ -341,14 +374,12 @@ def ingest_zip(
     products = with_images(batch.products, images, batch.image_tasks)
     report = reject_report(batch.rejects, products, batch.unsafe_members)
     committed_at = datetime.now(UTC)
+    current = lake.current_products(client, settings, ["content_hash", "prdtypecode"])
     products = products.drop(columns=["image_problem"]).assign(
-        content_hash=content_hash(products), batch_id=batch_id, ingested_at=committed_at
-    )
-    counts = change_counts(
-        products["content_hash"],
-        products["productid"],
-        lake.current_products(client, settings, ["content_hash"]),
-    )
+        content_hash=content_hash(with_known_labels(products, current)), batch_id=batch_id,
+        ingested_at=committed_at,
+    )  # fmt: skip
+    counts = change_counts(products["content_hash"], products["productid"], current)
     write_tables(client, settings, batch_id, products, report, stage)
     manifest = BatchManifest(
         batch_id=batch_id, zip_sha256=sha, zip_bytes=size, source_uri=zip_uri,
@@ -386,8 +417,13 @@ def read_batch(settings: Settings, bucket: str, key: str) -> _ParsedBatch:
     """Parse and validate the ZIP's CSV files and locate each accepted product's image member."""
     with open_zip(settings, bucket, key) as zf:
         contents = find_layout(zf.namelist())
-        x = parse_csv(zf.read(contents.x_member), contents.x_member, X_COLUMNS)
-        y = parse_csv(zf.read(contents.y_member), contents.y_member, Y_COLUMNS) if contents.y_member else None
+        x = parse_csv(
+            read_csv_member(zf, contents.x_member, settings.max_csv_bytes), contents.x_member, X_COLUMNS
+        )
+        y = None
+        if contents.y_member:
+            y_bytes = read_csv_member(zf, contents.y_member, settings.max_csv_bytes)
+            y = parse_csv(y_bytes, contents.y_member, Y_COLUMNS)
         if x.empty:
             raise IngestError(f"{contents.x_member} has no product rows (empty batch)")
         products, rejects = validate_rows(x, y, settings.max_field_chars)

@@ -3,7 +3,9 @@
 Keys come from ``lib.data.layout``.
 
 A batch is visible only once its ``manifest.json`` exists (written last). The *current* product view is
-computed on read: for each productid, the row of the most recently committed batch.
+computed on read: for each productid, the row of the most recently committed batch, with the label of the
+most recently committed batch that labelled it (an unlabelled batch says nothing about labels, so a
+catalogue re-sent without labels updates texts and images but never erases a known label).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def get_rejects(client, settings: Settings, batch_id: str) -> pd.DataFrame:
 def current_products(
     client, settings: Settings, columns: list[str] | None = None, manifests: list[dict] | None = None
 ) -> pd.DataFrame:
-    """The current catalogue: per productid, the row from the newest committed batch."""
+    """The current catalogue: per productid, the row from the newest committed batch, and the label
+    from the newest batch that had one for it."""
     manifests = committed_manifests(client, settings) if manifests is None else manifests
     if columns is not None and "productid" not in columns:
         columns = ["productid", *columns]
@@ -52,5 +55,16 @@ def current_products(
     if not frames:
         return pd.DataFrame(columns=columns or ["productid"])
     # Concatenated oldest → newest, so keeping the last occurrence keeps the newest batch's row.
-    merged = pd.concat(frames, ignore_index=True)
-    return merged.drop_duplicates("productid", keep="last").reset_index(drop=True)
+    return newest_rows(pd.concat(frames, ignore_index=True))
+
+
+def newest_rows(history: pd.DataFrame) -> pd.DataFrame:
+    """Per productid, the last row of ``history`` (oldest first), its label carried from the last labelled
+    row when the last row has none."""
+    current = history.drop_duplicates("productid", keep="last").reset_index(drop=True)
+    if "prdtypecode" not in history.columns:
+        return current
+    labelled = history[history["prdtypecode"].notna()].drop_duplicates("productid", keep="last")
+    known = current["productid"].map(labelled.set_index("productid")["prdtypecode"])
+    current["prdtypecode"] = current["prdtypecode"].fillna(known).astype(history["prdtypecode"].dtype)
+    return current

@@ -82,6 +82,11 @@ def pipeline_record_key(batch_id: str) -> str:
     return f"{PIPELINE}{batch_id}.json"
 
 
+def batch_of_pipeline_record(key: str) -> str:
+    """The batch id in a ``pipeline_record_key``."""
+    return key.removeprefix(PIPELINE).removesuffix(".json")
+
+
 def prediction_day_prefix(day: datetime) -> str:
     return f"{PREDICTIONS}{DATE_PARTITION}{day:%Y-%m-%d}/"
 

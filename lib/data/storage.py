@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from lib.errors import UserError
 from lib.settings import Settings, get_settings
 
 
@@ -58,12 +59,18 @@ def arrow_fs(settings: Settings | None = None) -> pafs.S3FileSystem:
     )
 
 
+class NotAnObjectUri(UserError, ValueError):
+    """A local path or a malformed URI where an S3 object was expected."""
+
+
 def split_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` (or ``bucket/key``) → ``(bucket, key)``."""
-    path = uri.removeprefix("s3://")
-    bucket, _, key = path.partition("/")
-    if not bucket or not key:
-        raise ValueError(f"not an S3 object URI (expected s3://bucket/key): {uri!r}")
+    """``s3://bucket/key`` → ``(bucket, key)``."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise NotAnObjectUri(
+            f"{uri!r} is not an S3 object URI (expected s3://bucket/key). A local ZIP goes in with "
+            f"`python -m jobs.demo {uri}`, or upload it to the incoming bucket first"
+        )
     return bucket, key
 
 

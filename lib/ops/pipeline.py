@@ -7,28 +7,42 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from lib.data.layout import PIPELINE, pipeline_record_key
+from lib.data.layout import PIPELINE, batch_of_pipeline_record, pipeline_record_key
 from lib.data.storage import exists, get_json, list_keys, put_json
 from lib.settings import Settings
 
 STAGES = ("ingest", "embed", "train")
 SUCCEEDED, FAILED, RUNNING = "succeeded", "failed", "running"
+BATCH_SOURCE = "batch:"  # ``python -m jobs.pipeline batch:<id>`` finishes a batch already ingested
 
 
 def load_record(client, settings: Settings, batch_id: str, source_uri: str) -> dict:
     """The pipeline record of a batch (a fresh one if it never ran)."""
-    if exists(client, settings.bucket_lake, pipeline_record_key(batch_id)):
-        return get_json(client, settings.bucket_lake, pipeline_record_key(batch_id))
-    return {"batch_id": batch_id, "source_uri": source_uri, "stages": {}}
+    found = find_by_batch(client, settings, batch_id)
+    return found or {"batch_id": batch_id, "source_uri": source_uri, "stages": {}}
 
 
 def find_by_source(client, settings: Settings, source_uri: str) -> dict | None:
-    """The record of the pipeline that started from ``source_uri`` (its ZIP may be archived by now)."""
-    for key in list_keys(client, settings.bucket_lake, PIPELINE):
-        record = get_json(client, settings.bucket_lake, key)
-        if record.get("source_uri") == source_uri:
-            return record
+    """The newest record of a pipeline that started from ``source_uri`` (its ZIP may be archived by now;
+    a name can be reused for another ZIP later)."""
+    matches = [r for r in records(client, settings) if r.get("source_uri") == source_uri]
+    return matches[-1] if matches else None
+
+
+def find_by_batch(client, settings: Settings, batch_id: str) -> dict | None:
+    """The pipeline record of a batch, if a pipeline ever ran for it."""
+    if exists(client, settings.bucket_lake, pipeline_record_key(batch_id)):
+        return get_json(client, settings.bucket_lake, pipeline_record_key(batch_id))
     return None
+
+
+def records(client, settings: Settings, skip: set[str] = frozenset()) -> list[dict]:
+    """Every pipeline record but those of the batch ids in ``skip``, oldest first."""
+    out = []
+    for key in list_keys(client, settings.bucket_lake, PIPELINE):
+        if batch_of_pipeline_record(key) not in skip:
+            out.append(get_json(client, settings.bucket_lake, key))
+    return sorted(out, key=lambda r: min((s["at"] for s in r["stages"].values()), default=""))
 
 
 def pending_stages(record: dict) -> list[str]:
@@ -46,8 +60,23 @@ def mark(client, settings: Settings, record: dict, stage: str, status: str, **de
     return record
 
 
+def needs_resume(record: dict, jobs: dict[str, str]) -> bool:
+    """A batch ingested (its ZIP archived, so out of the watcher's sight) whose later stages did not all
+    succeed: one failed, or one still says running although the batch's last pipeline job has ended (its
+    driver was killed). A stage running with no job of the cluster's behind it is a run by hand: left
+    to its owner."""
+    stages = record["stages"]
+    if stages.get("ingest", {}).get("status") != SUCCEEDED or not pending_stages(record):
+        return False
+    statuses = {stages.get(stage, {}).get("status") for stage in STAGES}
+    if FAILED in statuses:
+        return True
+    last = last_attempt(record["batch_id"], jobs)
+    return RUNNING in statuses and last is not None and jobs[last] not in ACTIVE_JOB_STATES
+
+
 # --- the watcher's decisions ----------------------------------------------------------------------
-SUBMIT, ARCHIVE_DUPLICATE, GIVE_UP, WAIT = "submit", "archive_duplicate", "give_up", "wait"
+SUBMIT, RESUME, ARCHIVE_DUPLICATE, GIVE_UP, WAIT = "submit", "resume", "archive_duplicate", "give_up", "wait"
 ACTIVE_JOB_STATES = {"PENDING", "RUNNING"}
 
 
@@ -56,35 +85,47 @@ def submission_id(batch_id: str, attempt: int) -> str:
     return f"pipeline-{batch_id}" if attempt == 0 else f"pipeline-{batch_id}-retry{attempt}"
 
 
-def plan(
-    incoming: list[tuple[str, str]], jobs: dict[str, str], max_retries: int
-) -> list[tuple[str, str, str]]:
-    """What the watcher does now for each ZIP in ``incoming/``.
+def attempts(batch_id: str, jobs: dict[str, str]) -> int:
+    """How many pipeline jobs the cluster has run (or runs) for this batch."""
+    first = submission_id(batch_id, 0)
+    return sum(1 for sid in jobs if sid == first or sid.startswith(f"{first}-retry"))
 
-    ``incoming``: (key, batch_id) oldest first; ``jobs``: submission id → status of the cluster's jobs.
-    Returns (action, key, submission id). At most one pipeline is active at a time (one training at a
-    time, and ZIPs are processed in arrival order); a ZIP whose content already succeeded is a
-    duplicate copy and is archived without running anything.
+
+def last_attempt(batch_id: str, jobs: dict[str, str]) -> str | None:
+    """The submission id of the batch's latest pipeline job, if any."""
+    made = attempts(batch_id, jobs)
+    return submission_id(batch_id, made - 1) if made else None
+
+
+def plan(
+    incoming: list[tuple[str, str]],
+    jobs: dict[str, str],
+    max_retries: int,
+    unfinished: list[tuple[str, str]] = (),
+) -> list[tuple[str, str, str]]:
+    """What the watcher does now for each ZIP in ``incoming/`` and each unfinished ingested batch.
+
+    ``incoming``: (key, batch_id) oldest first; ``unfinished``: (source URI, batch_id) of batches that
+    ``needs_resume``; ``jobs``: submission id → status of the cluster's jobs. Returns (action, key or
+    URI, submission id). At most one pipeline is active at a time (one training at a time), unfinished
+    batches first, then ZIPs in arrival order; a ZIP whose content already succeeded is a duplicate copy
+    and is archived without running anything. Each batch gets ``max_retries`` resubmissions in all.
     """
     busy = any(sid.startswith("pipeline-") and state in ACTIVE_JOB_STATES for sid, state in jobs.items())
     actions = []
-    for key, batch_id in incoming:
-        attempts = [
-            sid
-            for sid in jobs
-            if sid == submission_id(batch_id, 0) or sid.startswith(f"{submission_id(batch_id, 0)}-retry")
-        ]
-        last = submission_id(batch_id, len(attempts) - 1) if attempts else None
+    for resumed, (key, batch_id) in [*((True, item) for item in unfinished),
+                                     *((False, item) for item in incoming)]:  # fmt: skip
+        made, last = attempts(batch_id, jobs), last_attempt(batch_id, jobs)
         state = jobs.get(last) if last else None
         if state in ACTIVE_JOB_STATES:
             actions.append((WAIT, key, last))
-        elif state == "SUCCEEDED":
+        elif state == "SUCCEEDED" and not resumed:
             actions.append((ARCHIVE_DUPLICATE, key, last))
-        elif state is not None and len(attempts) > max_retries:
+        elif state is not None and made > max_retries:
             actions.append((GIVE_UP, key, last))
         elif busy:
             actions.append((WAIT, key, ""))
         else:
-            actions.append((SUBMIT, key, submission_id(batch_id, len(attempts))))
+            actions.append((RESUME if resumed else SUBMIT, key, submission_id(batch_id, made)))
             busy = True
     return actions

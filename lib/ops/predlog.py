@@ -3,24 +3,28 @@
 Layout: one Parquet file per flush, by UTC day (``lib.data.layout.prediction_key``). A row holds what
 monitoring needs (time, model version, modalities present, predicted code, confidence, abstention,
 top-5, both embeddings for drift) and a SHA-256 of the cleaned inputs, never the raw text. Writing is
-asynchronous and best-effort: :class:`PredictionLogWriter` buffers rows in memory and flushes them from
-a background thread, so logging never slows or fails a request; when S3 is down rows wait (bounded)
-and are retried.
+asynchronous: :class:`PredictionLogWriter` buffers rows in memory and flushes them from a background
+thread, so logging never slows or fails a request; when S3 is down, files wait in a local spool
+directory and are uploaded once it is back, also by the next replica if this one stops first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lib.data.layout import PREDICTIONS, prediction_day_of, prediction_day_prefix, prediction_key
 from lib.data.storage import get_table, list_keys, list_prefixes
@@ -31,6 +35,9 @@ COLUMNS = [
     "timestamp", "model_name", "model_version", "has_text", "has_image", "prdtypecode", "confidence",
     "abstained", "top5_codes", "top5_scores", "text_emb", "image_emb", "input_hash",
 ]  # fmt: skip
+
+# A spooled file is named by its object key with "/" replaced (one flat directory, the key recoverable).
+SPOOL_SEPARATOR = "~"
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +150,11 @@ class PredictionLogWriter:
     """Buffers log rows and writes them from a background thread (every ``flush_rows`` or ``flush_s``).
 
     ``write(key, table)`` stores one file. :meth:`add` only appends under a lock: it never blocks on I/O
-    and never raises. A failed write keeps its rows (retried on the next tick); beyond
-    ``max_buffer_rows`` the oldest rows are dropped and counted in :attr:`dropped`.
+    and never raises. A file the store refuses (S3 down) goes to the local ``spool`` directory instead,
+    under its object key, and is uploaded when the store is back, by this writer or by the next one that
+    uses the spool (a stopped or replaced replica loses nothing). Without a spool, or when the disk
+    refuses too, rows wait in memory, and beyond ``max_buffer_rows`` the oldest are dropped and counted
+    in :attr:`dropped`.
     """
 
     def __init__(
@@ -153,17 +163,20 @@ class PredictionLogWriter:
         flush_rows: int,
         flush_s: float,
         max_buffer_rows: int,
+        spool: Path | None = None,
     ) -> None:
         self._write = write
         self.flush_rows = max(1, flush_rows)
         self.flush_s = flush_s
         self.max_buffer_rows = max(self.flush_rows, max_buffer_rows)
+        self.spool = spool
         self._rows: deque[dict] = deque()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.written = 0
+        self.spooled = 0
         self.dropped = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -178,7 +191,8 @@ class PredictionLogWriter:
         """Queue rows for writing (cheap; safe from any thread)."""
         with self._lock:
             self._rows.extend(rows)
-            self._trim()
+            if self.spool is None:  # with a spool the flusher drains the buffer to disk instead
+                self._trim()
             full = len(self._rows) >= self.flush_rows
         if full:
             self._wake.set()
@@ -190,12 +204,11 @@ class PredictionLogWriter:
             self.dropped += 1
 
     def flush(self) -> int:
-        """Write every buffered row now (files of at most ``flush_rows``); returns the rows written.
-
-        Stops at the first failure and puts the unwritten rows back at the front of the buffer.
-        """
+        """Upload spooled files, then write every buffered row (files of at most ``flush_rows``) to the
+        store, or to the spool when the store fails; returns the rows that reached the store."""
         written = 0
         with self._flush_lock:
+            store_up = self._upload_spool()
             while True:
                 with self._lock:
                     chunk = [self._rows.popleft() for _ in range(min(self.flush_rows, len(self._rows)))]
@@ -203,21 +216,69 @@ class PredictionLogWriter:
                     return written
                 groups = list(group_rows(chunk).values())
                 for i, rows in enumerate(groups):
+                    key, table = prediction_key(rows[0]["timestamp"]), rows_to_table(rows)
                     try:
-                        self._write(prediction_key(rows[0]["timestamp"]), rows_to_table(rows))
-                    except Exception as exc:  # S3 down, network...: keep the rows for the next attempt
-                        self._requeue([r for g in groups[i:] for r in g], exc)
-                        return written
-                    written += len(rows)
-                    self.written += len(rows)
+                        if not store_up:
+                            raise ConnectionError(self.last_error or "the store is down")
+                        self._write(key, table)
+                        written += len(rows)
+                        self.written += len(rows)
+                    except Exception as exc:  # S3 down, network...: spool the file, or keep the rows
+                        store_up = False
+                        if not self._spool_file(key, table, exc):
+                            self._requeue([r for g in groups[i:] for r in g])
+                            return written
 
-    def _requeue(self, rows: list[dict], exc: Exception) -> None:
+    def _spool_file(self, key: str, table: pa.Table, exc: Exception) -> bool:
+        """Keep one refused file on local disk; False when there is no spool or the disk refuses too."""
+        self._note_failure(exc)
+        if self.spool is None:
+            return False
+        try:
+            self.spool.mkdir(parents=True, exist_ok=True)
+            partial = self.spool / f".{uuid.uuid4().hex}.tmp"
+            pq.write_table(table, partial)
+            partial.rename(self.spool / key.replace("/", SPOOL_SEPARATOR))  # complete files only
+        except OSError as disk:
+            self._note_failure(disk)
+            return False
+        self.spooled += table.num_rows
+        return True
+
+    def _upload_spool(self) -> bool:
+        """Upload spooled files, oldest first, each deleted once stored; False if the store refused one."""
+        for path in self._spooled_files():
+            try:
+                table = pq.read_table(path)
+                self._write(path.name.replace(SPOOL_SEPARATOR, "/"), table)
+            except FileNotFoundError:  # another replica's writer uploaded it first
+                continue
+            except Exception as exc:
+                self._note_failure(exc)
+                return False
+            path.unlink(missing_ok=True)
+            self.written += table.num_rows
+        return True
+
+    def _spooled_files(self) -> list[Path]:
+        """Complete spooled files, oldest first (every writer sharing the spool sees them)."""
+        if self.spool is None or not self.spool.is_dir():
+            return []
+        files = []
+        for path in self.spool.glob(f"*{SPOOL_SEPARATOR}*.parquet"):
+            with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile by another writer
+                files.append((path.stat().st_mtime, path))
+        return [path for _, path in sorted(files)]
+
+    def _requeue(self, rows: list[dict]) -> None:
         with self._lock:
             self._rows.extendleft(reversed(rows))
             self._trim()
+        logger.warning("prediction log: write failed (%s); %d rows kept", self.last_error, self.pending)
+
+    def _note_failure(self, exc: Exception) -> None:
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
-        logger.warning("prediction log: write failed (%s); %d rows kept", self.last_error, self.pending)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -227,7 +288,8 @@ class PredictionLogWriter:
         self.flush()
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Stop the background thread after a last flush attempt (waits at most ``timeout_s``)."""
+        """Stop the background thread after a last flush (to the store or the spool; waits at most
+        ``timeout_s``)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s)
@@ -236,6 +298,10 @@ class PredictionLogWriter:
         return {
             "written": self.written,
             "pending": self.pending,
+            "spooled": self.spooled,
+            "spool_files": len(list(self.spool.glob("*.parquet")))
+            if self.spool and self.spool.is_dir()
+            else 0,
             "dropped": self.dropped,
             "failures": self.failures,
             "last_error": self.last_error,

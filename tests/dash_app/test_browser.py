@@ -48,10 +48,15 @@ MAX_SHOT_HEIGHT = 6000
 PAGE_TIMEOUT_S = 60
 SERVE_READY = importlib.util.find_spec("serve.deploy") is not None
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMEDRIVER.exists() and Path(CHROMIUM).exists()),
-    reason="Chromium and chromedriver are needed (scripts/system_deps.sh installs them)",
-)
+
+@pytest.fixture(autouse=True, scope="module")
+def browser_installed() -> None:
+    """A missing browser fails the suite (``make install`` installs it): a skip would hide the UI tests."""
+    if not (CHROMEDRIVER.exists() and Path(CHROMIUM).exists()):
+        pytest.fail(
+            "Chromium and chromedriver are missing: `make install` (scripts/system_deps.sh) installs them"
+        )
+
 
 # Rendered when no request is pending, no component is loading and every graph has drawn.
 RENDERED_JS = """

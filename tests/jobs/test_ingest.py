@@ -231,11 +231,63 @@ def test_bad_zips_are_clear_errors_and_touch_nothing(s3, stack, lake_reset, data
     assert after == before
 
 
+def declare_size(data: bytes, member: str, size: int) -> bytes:
+    """The ZIP with ``member``'s uncompressed size rewritten in its local and central headers (a liar)."""
+    out, name = bytearray(data), member.encode()
+    # (signature, offset of the size field, offset of the name length, offset of the name)
+    for signature, size_at, name_len_at, name_at in (
+        (b"PK\x03\x04", 22, 26, 30),
+        (b"PK\x01\x02", 24, 28, 46),
+    ):
+        at = out.find(signature)
+        while at >= 0:
+            length = int.from_bytes(out[at + name_len_at : at + name_len_at + 2], "little")
+            if bytes(out[at + name_at : at + name_at + length]) == name:
+                out[at + size_at : at + size_at + 4] = size.to_bytes(4, "little")
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def test_zip_bombs_and_lying_sizes_are_refused_without_inflating_them(s3, stack, lake_reset):
+    """CSV members used to be inflated whole, and image members to their declared size, before any check."""
+    settings = stack.model_copy(update={"max_csv_bytes": 1_000_000})
+    rows = [("Produit", "desc", 1, 11), ("Autre", "desc", 2, 12)]
+    bomb = ",designation,description,productid,imageid\n0,a," + "a" * 5_000_000 + ",1,11\n"
+    bomb_zip = custom_zip([], None, {}, {"X_train_update.csv": bomb.encode()})  # 5 MB in ~10 kB
+    cases = {
+        "bomb.zip": (bomb_zip, "declares 5,000,053 bytes"),
+        "lying-bomb.zip": (declare_size(bomb_zip, "X_train_update.csv", 900_000), "corrupt"),
+        "liar.zip": (declare_size(custom_zip(rows, None, {}), "X_train_update.csv", 20), "corrupt"),
+    }
+    for name, (data, message) in cases.items():
+        with pytest.raises(IngestError, match=message):
+            ingest_zip(settings, s3, upload(s3, settings, data, name))
+    assert not lake.committed_manifests(s3, settings)
+    # An image member declaring 4 GB is not read: its product is kept without it, reason "too large".
+    images = {image_member_name(11, 1): jpeg(), image_member_name(12, 2): jpeg()}
+    data = declare_size(custom_zip(rows, None, images), image_member_name(12, 2), 4_000_000_000)
+    manifest = ingest_zip(settings, s3, upload(s3, settings, data, "image-liar.zip")).manifest
+    assert manifest.with_image == 1 and manifest.kept_without_image_by_reason == {IMAGE_TOO_LARGE: 1}
+
+
 def test_unlabelled_batch_with_top_folder(ray_cluster, s3, stack, lake_reset):
     data, _catalogue = sample_bytes(40, with_labels=False, top_folder="rakuten_export")
     manifest = ingest_job.run(upload(s3, stack, data, "unlabelled.zip"), stack).manifest
     assert manifest.labelled is False and manifest.accepted == 40 and manifest.with_image == 40
     assert lake.current_products(s3, stack)["prdtypecode"].isna().all()
+
+
+def test_an_unlabelled_resend_of_known_products_keeps_their_labels(ray_cluster, s3, stack, lake_reset):
+    rows = [("chaise en bois", "pour le salon", 1, 11), ("lampe", "led", 2, 12)]
+    ingest_zip(stack, s3, upload(s3, stack, custom_zip(rows, [1560, 2060], {}), "labelled.zip"))
+    resent = [("chaise en chêne", "pour le salon", 1, 11), ("lampe", "led", 2, 12), ("tapis", "laine", 3, 13)]
+    manifest = ingest_zip(stack, s3, upload(s3, stack, custom_zip(resent, None, {}), "x-only.zip")).manifest
+    # Product 1 changed; product 2 is the same product (its label is not lost, so not "changed" either).
+    assert manifest.labelled is False and (manifest.updated, manifest.unchanged, manifest.new) == (1, 1, 1)
+    current = lake.current_products(s3, stack).set_index("productid")
+    assert current.loc[1, "designation_clean"] == "chaise en chêne"
+    assert current.loc[1, "prdtypecode"] == 1560 and current.loc[2, "prdtypecode"] == 2060
+    assert pd.isna(current.loc[3, "prdtypecode"])
 
 
 def test_cli_reports_a_missing_object(stack, capsys):

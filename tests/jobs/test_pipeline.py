@@ -17,7 +17,7 @@ from lib.data.layout import pipeline_record_key
 from lib.data.sample import SampleSpec, write_sample_zip
 from lib.data.storage import exists, get_json, list_keys, put_bytes
 from lib.model import registry
-from lib.ops.pipeline import ARCHIVE_DUPLICATE, SUBMIT, SUCCEEDED, WAIT
+from lib.ops.pipeline import ARCHIVE_DUPLICATE, RESUME, SUBMIT, SUCCEEDED, WAIT
 from lib.ops.stack import reset_lake_and_registry
 
 
@@ -62,12 +62,19 @@ def test_a_failed_stage_is_resumed_without_rerunning_the_others(ray_cluster, s3,
     ingested_at = record["stages"]["ingest"]["at"]
 
     monkeypatch.undo()
-    # The ZIP is archived by now: the pipeline finds its record by the source URI and runs only `train`.
-    record = pipeline_job.run(uri, stack, trials=2, max_epochs=4)
-    assert record["stages"]["ingest"]["at"] == ingested_at
+    # The ZIP is archived by now (out of the watcher's listing): a run by hand finds the record by the
+    # ZIP's URI, and the watcher finds the failed batch by itself and resubmits its pipeline.
+    assert pipeline_job.find_record(s3, stack, uri, None)[0]["batch_id"] == batch_id
+    watcher = watch_job.Watcher(stack)
+    actions = watcher.scan()
+    assert actions == [(RESUME, f"batch:{batch_id}", f"pipeline-{batch_id}")]
+    wait_succeeded(watcher.jobs, actions[0][2])
+    record = get_json(s3, stack.bucket_lake, pipeline_record_key(batch_id))
+    assert record["stages"]["ingest"]["at"] == ingested_at  # only `train` ran again
     assert (
         record["stages"]["train"]["status"] == SUCCEEDED and record["stages"]["train"]["result"]["promoted"]
     )
+    assert watcher.scan() == []  # finished: nothing more to do
 
 
 def test_watcher_submits_one_job_per_zip_content_and_archives_copies(ray_cluster, s3, stack, clean):

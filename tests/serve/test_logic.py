@@ -342,6 +342,30 @@ def test_writer_keeps_rows_while_s3_is_down_and_drops_the_oldest_beyond_the_boun
     assert writer.stats()["pending"] == 0 and "S3 is down" in writer.stats()["last_error"]
 
 
+def test_rows_refused_by_s3_wait_in_the_spool_and_the_next_writer_uploads_them(tmp_path):
+    """A replica that stops while S3 is down used to lose its buffer; beyond the bound rows were dropped."""
+    store = FlakyStore()
+    store.down = True
+    writer = predlog.PredictionLogWriter(store, flush_rows=2, flush_s=0.05, max_buffer_rows=3, spool=tmp_path)
+    base = datetime.now(UTC)
+    writer.add([make_row(base + timedelta(seconds=i), version=str(i)) for i in range(9)])
+    wait_for(lambda: writer.spooled == 9)
+    writer.close(2)  # the replica stops with S3 still down
+    assert store.rows == 0 and writer.dropped == 0 and writer.pending == 0
+    assert writer.stats()["spool_files"] >= 5  # files of at most flush_rows rows, named by their key
+
+    store.down = False
+    successor = predlog.PredictionLogWriter(
+        store, flush_rows=2, flush_s=0.05, max_buffer_rows=3, spool=tmp_path
+    )
+    wait_for(lambda: store.rows == 9)
+    successor.close(2)
+    versions = sorted(v for t in store.files.values() for v in t.column("model_version").to_pylist())
+    assert versions == [str(i) for i in range(9)]
+    assert all(k.startswith(layout.prediction_day_prefix(base)) for k in store.files)
+    assert not list(tmp_path.iterdir())  # uploaded files leave the spool
+
+
 def test_a_multi_megabyte_title_is_bounded_before_any_work():
     """A 5 MB title used to reach the encoder and the TF-IDF block whole (no answer within 20 s)."""
     item = logic.build_input("Piscine " * 700_000, "Bâche " * 700_000, None, SETTINGS)

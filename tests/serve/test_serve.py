@@ -33,6 +33,7 @@ from lib.features.encoders import encoder_ids, encoder_set_id
 from lib.model import registry
 from lib.model.artifact import LoadedModel, write_model_dir
 from lib.ops import predlog
+from lib.ops import stack as stack_mod
 from serve import logic
 
 TOKEN = "serve-test-token"
@@ -429,3 +430,26 @@ def test_predictions_are_logged_to_s3_with_training_identical_embeddings(
     np.testing.assert_allclose(mine["text_emb"], stored["text_emb"], atol=1e-4)
     np.testing.assert_allclose(mine["image_emb"], stored["image_emb"], atol=1e-4)
     assert json.loads(json.dumps(served))  # plain JSON all the way
+
+
+def test_s3_killed_under_traffic_every_request_answers_and_every_log_row_lands(v1, app, s3, stack):
+    """The S3 server's process is stopped while requests come in: a prediction never needs S3, and its
+    log row waits in the replica's spool until S3 is back (rows counted by their input hashes)."""
+    texts = [f"Coussin déhoussable motif {i}" for i in range(12)]
+    stack_mod.down(stack, ["s3"], echo=lambda *_: None)
+    try:
+        with client(app) as http:
+            statuses = [http.post("/predict", json={"designation": t}).status_code for t in texts]
+        assert statuses == [200] * len(texts)
+        wait_for(lambda: health(app)[1]["prediction_log"]["spooled"] >= len(texts))
+    finally:
+        stack_mod.up(stack, ["s3"], echo=lambda *_: None)
+    hashes = {predlog.input_hash(clean_text(t), "", None) for t in texts}
+
+    def landed() -> bool:
+        frame = predlog.read_predictions(s3, app, columns=["input_hash"])
+        return hashes <= set(frame["input_hash"])
+
+    wait_for(landed, timeout_s=60, every_s=1)
+    log = health(app)[1]["prediction_log"]
+    assert log["dropped"] == 0 and log["spool_files"] == 0

@@ -1,6 +1,18 @@
 """The watcher's plan and the pipeline record (pure)."""
 
-from lib.ops.pipeline import ARCHIVE_DUPLICATE, GIVE_UP, SUBMIT, SUCCEEDED, WAIT, pending_stages, plan
+from lib.ops.pipeline import (
+    ARCHIVE_DUPLICATE,
+    FAILED,
+    GIVE_UP,
+    RESUME,
+    RUNNING,
+    SUBMIT,
+    SUCCEEDED,
+    WAIT,
+    needs_resume,
+    pending_stages,
+    plan,
+)
 
 
 def test_new_zips_are_submitted_one_at_a_time_in_arrival_order():
@@ -47,3 +59,25 @@ def test_pending_stages_resume_from_the_failed_stage():
     assert pending_stages({"stages": {}}) == ["ingest", "embed", "train"]
     record["stages"]["train"]["status"] = SUCCEEDED
     assert pending_stages(record) == []
+
+
+def record(**statuses: str) -> dict:
+    return {"batch_id": "b1", "stages": {stage: {"status": status} for stage, status in statuses.items()}}
+
+
+def test_an_ingested_batch_whose_later_stage_failed_is_resumed():
+    assert needs_resume(record(ingest=SUCCEEDED, embed=SUCCEEDED, train=FAILED), {})
+    actions = plan([("new.zip", "b2")], {"pipeline-b1": "FAILED"}, 1, [("batch:b1", "b1")])
+    # The unfinished batch goes first, as the retry of its pipeline; the new ZIP waits for it.
+    assert actions == [(RESUME, "batch:b1", "pipeline-b1-retry1"), (WAIT, "new.zip", "")]
+    jobs = {"pipeline-b1": "FAILED", "pipeline-b1-retry1": "FAILED"}
+    assert plan([], jobs, 1, [("batch:b1", "b1")]) == [(GIVE_UP, "batch:b1", "pipeline-b1-retry1")]
+
+
+def test_a_stage_left_running_is_resumed_only_once_its_job_has_ended():
+    killed = record(ingest=SUCCEEDED, embed=RUNNING)
+    assert not needs_resume(killed, {"pipeline-b1": "RUNNING"})
+    assert needs_resume(killed, {"pipeline-b1": "FAILED"})
+    assert not needs_resume(killed, {})  # a run by hand: its owner's
+    assert not needs_resume(record(ingest=FAILED), {"pipeline-b1": "FAILED"})  # its ZIP is still in incoming/
+    assert not needs_resume(record(ingest=SUCCEEDED, embed=SUCCEEDED, train=SUCCEEDED), {})
