@@ -12,8 +12,9 @@ import time
 import traceback
 from collections.abc import Callable
 
-from jobs import embed, ingest, train
+from jobs import classify, embed, ingest, train
 from jobs.common import connect_ray, run_cli
+from lib.data import lake
 from lib.data.ingest import IngestError, IngestResult
 from lib.data.storage import exists, s3_client, split_uri
 from lib.data.zip_reader import zip_sha256
@@ -39,20 +40,18 @@ def run(
     connect_ray(settings)
     client = s3_client(settings)
     record, digest = find_record(client, settings, zip_uri, known)
-    pending = bookkeeping.pending_stages(record)
-    if "ingest" in pending:
-
-        def ingest_stage() -> dict:
-            # No ZIP any more: an earlier, interrupted run archived it after committing the batch.
-            return ingest_summary(ingest.run(zip_uri, settings, digest) if digest else None)
-
-        run_stage(client, settings, record, "ingest", ingest_stage)
-    if "embed" in pending:
-        run_stage(client, settings, record, "embed", lambda: embed.run(settings).to_dict())
-    if "train" in pending:
-        run_stage(
-            client, settings, record, "train", lambda: train.run(settings, trials, max_epochs).summary()
-        )
+    batch_id = record["batch_id"]
+    work = {
+        # No ZIP any more: an earlier, interrupted run archived it after committing the batch.
+        "ingest": lambda: ingest_summary(ingest.run(zip_uri, settings, digest) if digest else None,
+                                         lake.committed_manifest(client, settings, batch_id)),
+        "embed": lambda: embed.run(settings).to_dict(),
+        "train": lambda: train.run(settings, trials, max_epochs).summary(),
+        "classify": lambda: classify.classify_stage(settings, client, batch_id).to_dict(),
+    }  # fmt: skip
+    # The stages are known once ingest has said whether the batch is labelled (train) or not (classify).
+    while pending := bookkeeping.pending_stages(record):
+        run_stage(client, settings, record, pending[0], work[pending[0]])
     return record
 
 
@@ -98,6 +97,8 @@ def run_stage(client, settings: Settings, record: dict, stage: str, work: Callab
         details = work()
     except Exception as err:
         error = {"error": repr(err), "traceback": traceback.format_exc()[-4000:]}
+        if hasattr(err, "waiting_for"):  # e.g. no production model yet: the watcher resumes it later
+            error["waiting_for"] = err.waiting_for
         bookkeeping.mark(client, settings, record, stage, bookkeeping.FAILED, **error)
         raise
     seconds = round(time.monotonic() - t0, 1)
@@ -105,14 +106,17 @@ def run_stage(client, settings: Settings, record: dict, stage: str, work: Callab
     print(f"   {stage}: {details}", flush=True)
 
 
-def ingest_summary(result: IngestResult | None) -> dict:
-    """What the pipeline record keeps of an ingest."""
+def ingest_summary(result: IngestResult | None, committed: dict | None = None) -> dict:
+    """What the pipeline record keeps of an ingest (``committed``: the manifest, when the ZIP is gone)."""
     if result is None:
-        return {"note": "already ingested"}
+        if committed is None:
+            raise IngestError("the batch's ZIP is gone and the batch was never committed: drop it again")
+        return {"note": "already ingested", "batch_id": committed["batch_id"],
+                "labelled": committed["labelled"]}  # fmt: skip
     m = result.manifest
-    return {"batch_id": m.batch_id, "duplicate": result.duplicate, "rows_read": m.rows_read,
-            "accepted": m.accepted, "rejected": m.rejected, "new": m.new, "updated": m.updated,
-            "unchanged": m.unchanged}  # fmt: skip
+    return {"batch_id": m.batch_id, "duplicate": result.duplicate, "labelled": m.labelled,
+            "rows_read": m.rows_read, "accepted": m.accepted, "rejected": m.rejected, "new": m.new,
+            "updated": m.updated, "unchanged": m.unchanged}  # fmt: skip
 
 
 def parse_known(text: str) -> tuple[str, str, int]:

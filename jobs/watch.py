@@ -11,6 +11,8 @@ import argparse
 import shlex
 import time
 
+from mlflow import MlflowClient
+
 from jobs import submit as submitter
 from lib.data.ingest import archive_zip
 from lib.data.storage import s3_client
@@ -50,20 +52,24 @@ class Watcher:
 
     def unfinished(self, jobs: dict[str, str]) -> list[tuple[str, str]]:
         """(``batch:<id>``, batch id) of ingested batches whose later stages need a retry, oldest first."""
-        out = []
-        for record in pipeline.records(self.s3, self.settings, skip=self._finished):
-            if not pipeline.pending_stages(record):
-                self._finished.add(record["batch_id"])
-            elif pipeline.needs_resume(record, jobs):
-                out.append((f"{pipeline.BATCH_SOURCE}{record['batch_id']}", record["batch_id"]))
-        return out
+        records = pipeline.records(self.s3, self.settings, skip=self._finished)
+        self._finished |= {r["batch_id"] for r in records if not pipeline.pending_stages(r)}
+        return pipeline.to_resume(records, jobs, self.has_production_model)
+
+    def has_production_model(self) -> bool:
+        # lazy: the registry loads torch; the watcher needs it only while a batch waits for a model
+        from lib.model import registry
+
+        client = MlflowClient(self.settings.mlflow_uri)
+        name = self.settings.registered_model_name
+        return registry.version_by_alias(client, name, registry.PRODUCTION) is not None
 
     def scan(self) -> list[tuple[str, str, str]]:
         """One pass: plan and act; returns the actions taken."""
         jobs = {j.submission_id: str(j.status.value) for j in self.jobs.list_jobs() if j.submission_id}
-        unfinished = self.unfinished(jobs)
-        incoming = self.incoming()
-        actions = pipeline.plan(incoming, jobs, self.settings.pipeline_max_retries, unfinished)
+        actions = pipeline.plan(
+            self.incoming(), jobs, self.settings.pipeline_max_retries, self.unfinished(jobs)
+        )
         for action, key, submission_id in actions:
             uri = f"s3://{self.settings.bucket_incoming}/{key}"
             if action == pipeline.RESUME:
@@ -82,11 +88,8 @@ class Watcher:
                 print(f"{uri}: same content as batch {batch_id}, already processed: archived", flush=True)
             elif action == pipeline.GIVE_UP and key not in self._given_up:
                 self._given_up.add(key)
-                print(
-                    f"{uri}: pipeline failed {self.settings.pipeline_max_retries + 1} times; see job "
-                    f"{submission_id}; left in incoming/",
-                    flush=True,
-                )
+                tries = self.settings.pipeline_max_retries + 1
+                print(f"{key}: pipeline failed {tries} times; see job {submission_id}; given up", flush=True)
         return actions
 
     def maybe_monitor(self) -> str | None:

@@ -44,8 +44,14 @@ class Settings(BaseSettings):
     # --- MLflow ---------------------------------------------------------------------------------
     mlflow_port: int = 5000
     mlflow_tracking_uri: str | None = Field(None, description="Defaults to http://host:mlflow_port.")
-    mlflow_backend_store_uri: str | None = Field(
-        None, description="Defaults to sqlite under state_dir; a postgresql:// URI works too."
+    mlflow_backend_store_uri: SecretStr | None = Field(
+        None,
+        description="Defaults to sqlite under state_dir; a postgresql://user:password@… URI works too "
+        "(a secret: only the MLflow server gets it, by environment).",
+    )
+    mlflow_http_max_retries: int = Field(
+        3,
+        description="MLflow client retries (backoff 1, 2, 4 s): an outage fails a stage in seconds.",
     )
     mlflow_experiment: str = "rakuten-fusion"
     registered_model_name: str = "rakuten-fusion"
@@ -98,6 +104,10 @@ class Settings(BaseSettings):
         "(bytes in a gap are read and dropped).",
     )
     data_task_cpus: float = Field(0.25, description="CPUs of one Ray Data I/O task (ingest image chunks).")
+    classify_actors: int = Field(
+        2, description="Ray Data actors of bulk classification (one model load each)."
+    )
+    classify_block_rows: int = Field(2048, description="Products per block of bulk classification.")
 
     # --- orchestration -----------------------------------------------------------------------------
     watch_interval_s: float = Field(5.0, description="How often the watcher lists incoming/.")
@@ -120,6 +130,12 @@ class Settings(BaseSettings):
     split_seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    retune_policy: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: full search only when data grew or drift was flagged, else refit."
+    )
+    retune_growth_fraction: float = Field(
+        0.2, description="Growth of labelled training rows since production that calls for a full search."
+    )
     tune_trials: int = Field(10, description="Trials per search (the experts have three hyper-parameters).")
     tune_max_epochs: int = 30
     tune_grace_epochs: int = Field(2, description="ASHA's first rung: epochs every trial gets.")
@@ -228,7 +244,9 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_backend_uri(self) -> str:
-        return self.mlflow_backend_store_uri or f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
+        if self.mlflow_backend_store_uri is not None:
+            return self.mlflow_backend_store_uri.get_secret_value()
+        return f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
 
     @property
     def predlog_spool(self) -> Path:

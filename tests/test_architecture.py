@@ -6,6 +6,7 @@ Each rule is one a newcomer relies on to find things where their names say (READ
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ PACKAGES = ("lib", "jobs", "serve", "dash_app")
 MAX_FUNCTION_LINES = 60
 MAX_JOB_LINES = 150
 # Jobs that orchestrate other jobs; every other job calls lib only.
-ORCHESTRATING_JOBS = {"pipeline", "watch", "demo"}
+ORCHESTRATING_JOBS = {"pipeline", "watch", "demo", "classify"}
 LAKE_PREFIXES = (layout.ARCHIVE, layout.BATCHES, layout.IMAGES, layout.EMBEDDINGS, layout.PIPELINE,
-                 layout.PREDICTIONS, layout.MONITORING)  # fmt: skip
+                 layout.PREDICTIONS, layout.MONITORING, layout.CLASSIFIED)  # fmt: skip
 
 
 def sources() -> dict[str, ast.Module]:
@@ -151,3 +152,15 @@ def test_lib_never_imports_the_entry_points():
 @pytest.mark.parametrize("path", ["lib/data", "lib/features", "lib/model", "lib/ops"])
 def test_each_lib_package_says_what_it_holds(path):
     assert ast.get_docstring(ast.parse((Path(PROJECT_ROOT) / path / "__init__.py").read_text()))
+
+
+def test_the_readme_fault_matrix_lists_exactly_the_fault_tests():
+    tests = {
+        node.name
+        for path in (PROJECT_ROOT / "tests").rglob("test_*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_fault_")
+    }
+    section = (PROJECT_ROOT / "README.md").read_text().split("### Fault matrix", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `(test_fault_\w+)`", section, flags=re.MULTILINE))
+    assert tests and rows == tests

@@ -15,6 +15,7 @@ from lib.data.layout import image_key
 from lib.data.storage import get_bytes
 from lib.features.catalogue import current_catalogue
 from lib.features.embed import to_matrix
+from lib.model import classify
 
 # Product columns of the catalogue view.
 CATALOGUE_COLUMNS = [
@@ -128,6 +129,31 @@ class LakeReader:
         manifests = lake.committed_manifests(s3, self.settings)
         products = lake.current_products(s3, self.settings, CATALOGUE_COLUMNS, manifests)
         return summarise_catalogue(products, manifests, self.settings.dash_grid_products)
+
+    def classified(self) -> list[classify.ClassifiedBatch]:
+        """Committed bulk classifications, newest first (cached)."""
+        return self.services.cached(
+            ("classified",),
+            "s3",
+            "bulk classifications",
+            lambda: classify.committed_batches(self.services.s3, self.settings),
+        )
+
+    def classified_confidence(self, batch_id: str) -> pd.DataFrame:
+        """Confidence and abstention of one classification's predictions (a committed one never changes)."""
+        columns = ["confidence", "abstained", "model_version"]
+        return self.services.cached(
+            ("classified", batch_id), "s3", "a classification",
+            lambda: classify.read_predictions(self.services.s3, self.settings, batch_id, columns),
+        )  # fmt: skip
+
+    def submission(self, batch_id: str) -> bytes:
+        """A classification's submission.csv."""
+        return self.services.guard(
+            "s3",
+            "a submission file",
+            lambda: classify.submission_bytes(self.services.s3, self.settings, batch_id),
+        )
 
     def image(self, sha256: str) -> bytes | None:
         """The bytes of one lake image (content-addressed), or None if absent or not a SHA-256."""

@@ -7,8 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pandas as pd
 
 from dash_app.data.services import Services
-from lib.data.layout import MONITORING, REPORT_JSON_FILE
-from lib.data.storage import exists, get_json, list_prefixes
+from lib.data import lake
 from lib.ops.predlog import read_predictions
 
 # Prediction columns the monitoring page needs (the embeddings stay in the lake).
@@ -70,10 +69,4 @@ class MonitoringReader:
         return self.services.cached(("drift",), "s3", "drift reports", self._drift_report)
 
     def _drift_report(self) -> dict | None:
-        s3, bucket = self.services.s3, self.settings.bucket_lake
-        # Timestamps in UTC sort as text; a report still being written is skipped for the previous one.
-        for prefix in sorted(list_prefixes(s3, bucket, MONITORING), reverse=True):
-            key = f"{prefix}{REPORT_JSON_FILE}"
-            if exists(s3, bucket, key):
-                return {"key": key, **get_json(s3, bucket, key)}
-        return None
+        return lake.latest_drift_report(self.services.s3, self.settings)

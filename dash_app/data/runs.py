@@ -14,7 +14,16 @@ import pandas as pd
 from dash_app.data.services import Services
 from lib.model.metrics import ABLATION_ROWS
 
-RUN_COLUMNS = ["run_id", "start", "status", "test_f1_macro", "test_f1_weighted", "promoted", "version"]
+RUN_COLUMNS = [
+    "run_id",
+    "start",
+    "status",
+    "test_f1_macro",
+    "test_f1_weighted",
+    "promoted",
+    "version",
+    "retune",
+]
 PER_CLASS_FILE = "per_class_test.csv"
 CONFUSION_FILE = "confusion_matrix.png"
 ABLATION_FILE = "ablation.json"
@@ -167,6 +176,7 @@ class RunsReader:
                 "test_f1_weighted": r.data.metrics.get("test_f1_weighted"),
                 "promoted": r.data.tags.get("promotion"),
                 "version": versions.get(r.info.run_id),
+                "retune": r.data.params.get("retune"),  # full search or refit (lib.model.stage)
             }
             for r in runs
         ]

@@ -45,6 +45,15 @@ class DataSource:
     def image(self, sha256: str) -> bytes | None:
         return self.lake.image(sha256)
 
+    def classified(self) -> list:
+        return self.lake.classified()
+
+    def classified_confidence(self, batch_id: str) -> pd.DataFrame:
+        return self.lake.classified_confidence(batch_id)
+
+    def submission(self, batch_id: str) -> bytes:
+        return self.lake.submission(batch_id)
+
     # --- registry and runs ---------------------------------------------------------------------------
     def model(self, alias: str) -> ModelInfo | None:
         return self.runs_reader.model(alias)

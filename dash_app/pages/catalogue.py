@@ -1,11 +1,12 @@
-"""Catalogue: size, classes, image coverage, imbalance, the latest batch's manifest and a product grid."""
+"""Catalogue: size, classes, image coverage, imbalance, the latest batch's manifest, a product grid, and
+the catalogues classified in bulk (class mix, confidence, submission.csv)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pandas as pd
-from dash import Dash, Input, Output, dcc, html
+from dash import Dash, Input, Output, State, dcc, html, no_update
 
 from dash_app import components as ui
 from dash_app import figures
@@ -32,6 +33,19 @@ def layout(settings: Settings) -> html.Div:
                 "Browse a class",
                 dcc.Dropdown(id="catalogue-class", options=[], placeholder="Choose a class", clearable=False),
                 dcc.Loading(html.Div(id="catalogue-grid")),
+            ),
+            ui.section(
+                "Classified catalogues",
+                html.P(
+                    "Unlabelled ZIPs dropped into incoming/ (or `python -m jobs.classify`) are classified in "
+                    "bulk by the production model; each has a submission file in the challenge's format.",
+                    className="hint",
+                ),
+                dcc.Loading(html.Div(id="classified-summary")),
+                dcc.Dropdown(id="classified-batch", options=[], placeholder="Choose a classified batch"),
+                html.Button("Download submission.csv", id="classified-download-button"),
+                dcc.Download(id="classified-download"),
+                dcc.Loading(html.Div(id="classified-detail")),
             ),
         ]
     )
@@ -187,7 +201,89 @@ def grid_content(data: DataSource, code: int | None) -> Any:
     return render_grid(catalogue, code)
 
 
+NO_CLASSIFICATION = (
+    "No catalogue classified yet. Drop a ZIP without its Y file into s3://{bucket}/, or run "
+    "`python -m jobs.classify s3://{bucket}/NAME.zip`."
+)
+
+
+def classified_row(batch) -> dict:
+    """One classified batch as a table row."""
+    return {
+        "batch": batch.batch_id,
+        "committed": ui.fmt_time(pd.Timestamp(batch.committed_at)),
+        "products": batch.classified,
+        "abstained": f"{batch.abstained / max(batch.classified, 1):.1%}",
+        "mean confidence": f"{batch.mean_confidence:.3f}",
+        "model": f"{batch.model_name} v{batch.model_version}",
+    }
+
+
+def classified_content(data: DataSource) -> tuple[Any, list[dict], str | None]:
+    """The table of classified batches, the batch picker's options and its default (the newest)."""
+    try:
+        batches = data.classified()
+    except Unavailable as err:
+        return ui.notice(str(err), "Classifications unavailable", "error"), [], None
+    if not batches:
+        return (
+            ui.notice(NO_CLASSIFICATION.format(bucket=data.settings.bucket_incoming), kind="muted"),
+            [],
+            None,
+        )
+    frame = pd.DataFrame([classified_row(b) for b in batches])
+    options = [{"label": f"{b.batch_id} ({b.classified:,} products)", "value": b.batch_id} for b in batches]
+    return ui.frame_table(frame), options, batches[0].batch_id
+
+
+def classified_detail(data: DataSource, batch_id: str | None) -> Any:
+    """Class mix and confidence of one classified batch."""
+    if batch_id is None:
+        return None
+    try:
+        batch = next((b for b in data.classified() if b.batch_id == batch_id), None)
+        predictions = data.classified_confidence(batch_id)
+    except Unavailable as err:
+        return ui.notice(str(err), kind="error")
+    if batch is None:
+        return ui.notice(f"No classification of batch {batch_id}.", kind="muted")
+    counts = {int(code): n for code, n in batch.class_counts.items()}
+    return html.Div(
+        [
+            ui.section("Predicted class mix", ui.graph(figures.class_distribution_figure(counts))),
+            ui.section("Confidence", ui.graph(figures.confidence_histogram_figure(predictions))),
+        ],
+        className="grid-2",
+    )
+
+
 def register(app: Dash, data: DataSource) -> None:
+    @app.callback(
+        Output("classified-summary", "children"),
+        Output("classified-batch", "options"),
+        Output("classified-batch", "value"),
+        Input("catalogue-init", "data"),
+    )
+    @ui.safe(3)
+    def _classified(_init: Any) -> tuple:
+        return classified_content(data)
+
+    @app.callback(Output("classified-detail", "children"), Input("classified-batch", "value"))
+    @ui.safe(1)
+    def _classified_detail(batch_id: str | None) -> Any:
+        return classified_detail(data, batch_id)
+
+    @app.callback(
+        Output("classified-download", "data"),
+        Input("classified-download-button", "n_clicks"),
+        State("classified-batch", "value"),
+        prevent_initial_call=True,
+    )
+    def _download(_clicks: int | None, batch_id: str | None) -> Any:
+        if not batch_id:
+            return no_update
+        return dcc.send_bytes(data.submission(batch_id), f"submission-{batch_id}.csv")
+
     @app.callback(
         Output("catalogue-summary", "children"),
         Output("catalogue-class", "options"),

@@ -68,7 +68,8 @@ def model_panel(model: ModelInfo | None, alias: str) -> html.Div:
 def run_label(row: pd.Series) -> str:
     version = f" · v{row['version']}" if isinstance(row.get("version"), str) else ""
     f1 = f" · F1 {row['test_f1_macro']:.4f}" if pd.notna(row.get("test_f1_macro")) else f" · {row['status']}"
-    return f"{ui.fmt_time(row['start'])}{version}{f1}"
+    retune = f" · {row['retune']}" if isinstance(row.get("retune"), str) else ""
+    return f"{ui.fmt_time(row['start'])}{version}{f1}{retune}"
 
 
 def render_summary(production: ModelInfo | None, previous: ModelInfo | None, runs: pd.DataFrame) -> Any:
@@ -114,6 +115,8 @@ def render_run(details: RunDetails) -> Any:
         )
         if key in details.metrics
     ]
+    if "retune" in details.params:  # the retune policy's decision (lib.model.stage.decide_retune)
+        metrics.append(("search", f"{details.params['retune']}: {details.params.get('retune_reason', '')}"))
     confusion = (
         html.Img(
             src="data:image/png;base64," + base64.b64encode(details.confusion_png).decode(),

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from lib.data import lake, layout
 from lib.data.images import IMAGE_MISSING, IMAGE_TOO_LARGE, IMAGE_UNREADABLE, image_problem, sha256_hex
-from lib.data.rakuten import IMAGE_NAME_RE, PRDTYPECODES, X_COLUMNS, X_FILE, Y_COLUMNS, Y_FILE
+from lib.data.rakuten import IMAGE_NAME_RE, PRDTYPECODES, X_COLUMNS, X_FILE, X_TEST_FILE, Y_COLUMNS, Y_FILE
 from lib.data.storage import (
     arrow_fs,
     exists,
@@ -86,15 +86,18 @@ def find_layout(names: list[str]) -> ZipLayout:
     usable = [
         n for n in names if n not in set(unsafe) and not n.startswith("__MACOSX/") and not n.endswith("/")
     ]
-    x_members = [n for n in usable if PurePosixPath(n).name == X_FILE]
+    x_members = [n for n in usable if PurePosixPath(n).name in (X_FILE, X_TEST_FILE)]
     if not x_members:
-        raise IngestError(f"missing {X_FILE} in the ZIP (members seen: {', '.join(usable[:5]) or 'none'})")
+        seen = ", ".join(usable[:5]) or "none"
+        raise IngestError(f"missing {X_FILE} (or {X_TEST_FILE}) in the ZIP (members seen: {seen})")
     if len(x_members) > 1:
-        raise IngestError(f"several {X_FILE} in the ZIP: {x_members}")
+        raise IngestError(f"several X files in the ZIP ({x_members}): one batch per ZIP")
     x_member = x_members[0]
     root = str(PurePosixPath(x_member).parent)
     prefix = "" if root == "." else f"{root}/"
-    y_member = f"{prefix}{Y_FILE}" if f"{prefix}{Y_FILE}" in usable else None
+    # The challenge's test products have no labels: a Y file beside X_test_update.csv is not theirs.
+    labelled = PurePosixPath(x_member).name == X_FILE and f"{prefix}{Y_FILE}" in usable
+    y_member = f"{prefix}{Y_FILE}" if labelled else None
     images: dict[tuple[int, int], str] = {}
     for name in usable:
         match = IMAGE_NAME_RE.search(name)

@@ -12,13 +12,28 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lib.data.layout import BATCHES, batch_id_of, manifest_key, products_key, rejects_key
+from lib.data.layout import (
+    BATCHES,
+    MONITORING,
+    REPORT_JSON_FILE,
+    batch_id_of,
+    manifest_key,
+    products_key,
+    rejects_key,
+)
 from lib.data.storage import exists, get_json, get_table, list_prefixes
 from lib.settings import Settings
 
 
 def is_committed(client, settings: Settings, batch_id: str) -> bool:
     return exists(client, settings.bucket_lake, manifest_key(batch_id))
+
+
+def committed_manifest(client, settings: Settings, batch_id: str) -> dict | None:
+    """The batch's manifest, if the batch is committed."""
+    if not is_committed(client, settings, batch_id):
+        return None
+    return get_json(client, settings.bucket_lake, manifest_key(batch_id))
 
 
 def committed_manifests(client, settings: Settings) -> list[dict]:
@@ -41,6 +56,17 @@ def batch_products(
 def get_rejects(client, settings: Settings, batch_id: str) -> pd.DataFrame:
     """The reject report of one batch (row, productid, reason, action, detail)."""
     return get_table(client, settings.bucket_lake, rejects_key(batch_id)).to_pandas()
+
+
+def latest_drift_report(client, settings: Settings) -> dict | None:
+    """The newest complete drift report (its JSON plus ``key``), or None."""
+    bucket = settings.bucket_lake
+    # Timestamps in UTC sort as text; a report still being written is skipped for the previous one.
+    for prefix in sorted(list_prefixes(client, bucket, MONITORING), reverse=True):
+        key = f"{prefix}{REPORT_JSON_FILE}"
+        if exists(client, bucket, key):
+            return {"key": key, **get_json(client, bucket, key)}
+    return None
 
 
 def current_products(

@@ -8,6 +8,8 @@ batches/<batch_id>/manifest.json               written last: its presence is the
 images/<sha256>.jpg                            each image stored once, by content
 embeddings/<set_id>/runs/<run_id>/*.parquet    embeddings + _manifest.json (the commit)
 pipeline/<batch_id>.json                       per-stage status of the batch's pipeline
+classified/<batch_id>/predictions.parquet      bulk classification of a batch, its submission.csv,
+classified/<batch_id>/manifest.json            and its manifest (written last: the commit)
 predictions/date=YYYY-MM-DD/<id>.parquet       prediction log
 monitoring/<UTC timestamp>/report.{json,html}  drift reports (JSON written last)
 ```
@@ -23,6 +25,7 @@ BATCHES = "batches/"
 IMAGES = "images/"
 EMBEDDINGS = "embeddings/"
 PIPELINE = "pipeline/"
+CLASSIFIED = "classified/"
 PREDICTIONS = "predictions/"
 MONITORING = "monitoring/"
 
@@ -75,6 +78,21 @@ def embedding_run_prefix(set_id: str, run_id: str) -> str:
 
 def embedding_run_manifest_key(set_id: str, run_id: str) -> str:
     return f"{embedding_run_prefix(set_id, run_id)}{RUN_MANIFEST_FILE}"
+
+
+# --- bulk classification ---------------------------------------------------------------------------
+CLASSIFIED_PREDICTIONS_FILE = "predictions.parquet"
+CLASSIFIED_SUBMISSION_FILE = "submission.csv"
+CLASSIFIED_MANIFEST_FILE = "manifest.json"  # written last: the classification's commit
+
+
+def classified_key(batch_id: str, file: str) -> str:
+    """A file of one batch's bulk classification (``CLASSIFIED_*_FILE``)."""
+    return f"{CLASSIFIED}{batch_id}/{file}"
+
+
+def classified_batch_of(prefix: str) -> str:
+    return prefix.removeprefix(CLASSIFIED).strip("/")
 
 
 # --- operations -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 X_FILE = "X_train_update.csv"
+X_TEST_FILE = "X_test_update.csv"  # the challenge's unlabelled products (images under images/image_test/)
 Y_FILE = "Y_train_CVw08PX.csv"
 X_COLUMNS = ("designation", "description", "productid", "imageid")
 Y_COLUMNS = ("prdtypecode",)

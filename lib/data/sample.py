@@ -23,7 +23,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from lib.data.rakuten import OFFICIAL_CLASS_COUNTS, X_COLUMNS, X_FILE, Y_COLUMNS, Y_FILE, image_member_name
+from lib.data.rakuten import (
+    OFFICIAL_CLASS_COUNTS,
+    X_COLUMNS,
+    X_FILE,
+    X_TEST_FILE,
+    Y_COLUMNS,
+    Y_FILE,
+    image_member_name,
+)
 
 # --- generator constants (part of the sample's definition, not pipeline configuration) ------------
 
@@ -395,9 +403,11 @@ def write_sample_zip(spec: SampleSpec, out: str | Path | BinaryIO) -> pd.DataFra
     rng = np.random.default_rng([spec.seed, 1])
     codes = sorted(OFFICIAL_CLASS_COUNTS)
 
+    # Unlabelled: the challenge's test layout (X_test_update.csv, images/image_test/).
+    x_file, split = (X_FILE, "train") if spec.with_labels else (X_TEST_FILE, "test")
     with zipfile.ZipFile(out, "w") as archive:
         archive.writestr(
-            _zip_info(prefix + X_FILE, zipfile.ZIP_DEFLATED), _csv_bytes(catalogue[list(X_COLUMNS)])
+            _zip_info(prefix + x_file, zipfile.ZIP_DEFLATED), _csv_bytes(catalogue[list(X_COLUMNS)])
         )
         if spec.with_labels:
             archive.writestr(
@@ -417,7 +427,7 @@ def write_sample_zip(spec: SampleSpec, out: str | Path | BinaryIO) -> pd.DataFra
                 style = style if style != code else codes[-1]
             image = render_image(style, rng, spec.image_size)
             archive.writestr(
-                _zip_info(prefix + image_member_name(imageid, productid), zipfile.ZIP_STORED),
+                _zip_info(prefix + image_member_name(imageid, productid, split), zipfile.ZIP_STORED),
                 _jpeg_bytes(image),
             )
     return catalogue

@@ -11,7 +11,7 @@ import io
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import numpy as np
 from mlflow import MlflowClient
 from PIL import Image
 
+from lib.data import lake
 from lib.data.rakuten import class_name
 from lib.errors import UserError
 from lib.model import metrics, registry
@@ -59,6 +60,7 @@ class TrainOutcome:
     decision: PromotionDecision | None = None
     tune_seconds: float = 0.0
     lineage: dict = field(default_factory=dict)
+    retune: str = ""  # full search or refit, and why (``decide_retune``)
 
     def summary(self) -> dict:
         """The JSON the pipeline record keeps."""
@@ -71,6 +73,7 @@ class TrainOutcome:
             "ablation": self.ablation,
             "promoted": self.decision.promoted,
             "reason": self.decision.reason,
+            "retune": self.retune,
             "tune_seconds": round(self.tune_seconds, 1),
         }
 
@@ -84,18 +87,9 @@ def run_train_stage(
     mlflow.set_tracking_uri(settings.mlflow_uri)
     client = MlflowClient(settings.mlflow_uri)
     data, lineage = load_dataset(s3, settings)
-    if len(data.y) == 0 or min(data.counts().values()) == 0:
-        raise NotEnoughData(
-            f"not enough labelled, embedded products to train (split counts {data.counts()}): ingest a "
-            "ZIP with its Y file (labels) first"
-        )
-    production = registry.version_by_alias(client, settings.registered_model_name, registry.PRODUCTION)
-    if production is not None and not force:
-        card = registry.load_version(client, settings.registered_model_name, production.version).card
-        if card.get("data_fingerprint") == data.fingerprint:
-            return TrainOutcome(
-                True, f"data (embeddings and labels) unchanged since production v{production.version}"
-            )
+    production, unchanged, retune = plan_training(settings, client, s3, data, force)
+    if unchanged is not None:
+        return unchanged
 
     # Created here, in the driver, before any trial touches the tracking store (concurrent first use fails).
     experiment = mlflow.set_experiment(settings.mlflow_experiment)
@@ -103,8 +97,10 @@ def run_train_stage(
     with mlflow.start_run(run_name="tune-fusion") as parent:
         sha = git_sha(settings)
         _log_inputs(settings, data, lineage, sha, trials, max_epochs)
-        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id, trials, max_epochs,
-                         kind=settings.head_kind)  # fmt: skip
+        mlflow.log_params({"retune": retune.kind, "retune_reason": retune.reason})
+        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id,
+                         trials if retune.full else 1, max_epochs, kind=settings.head_kind,
+                         replay=None if retune.full else [retune.replay])  # fmt: skip
         close_stopped_trials(client, experiment.experiment_id, parent.info.run_id)
         tune_seconds = time.monotonic() - t0
         mlflow.log_params({f"best_{k}": v for k, v in best.config.items()})
@@ -112,7 +108,9 @@ def run_train_stage(
                             "trials_stopped_early": best.stopped_early})  # fmt: skip
         head, ablation = fit_best(settings, data, best, max_epochs)
         _log_evaluation(data, head, ablation)
-        card = model_card(settings, data, lineage, head, sha, parent.info.run_id)
+        card = model_card(settings, data, lineage, head, sha, parent.info.run_id) | {
+            "tune_config": best.config
+        }
         version = _register(settings, client, data, head, card)
         candidate_f1 = head.report["f1_macro"]
         decision = promote_if_better(client, settings, data, version, candidate_f1, production)
@@ -127,6 +125,7 @@ def run_train_stage(
         decision=decision,
         tune_seconds=tune_seconds,
         lineage=lineage,
+        retune=f"{retune.kind}: {retune.reason}",
     )
 
 
@@ -172,6 +171,73 @@ def _calibration(report: dict) -> dict[str, float]:
     """The calibration's parameters (``lib.model.network.Calibration``) and its test ECE."""
     return {"temperature": report["temperature"], "slope": report["slope"], "intercept": report["intercept"],
             "test_ece_before": report["ece_before"], "test_ece_after": report["ece_after"]}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RetuneDecision:
+    """A full Ray Tune search, or one trial refitting the production configuration on today's data."""
+
+    full: bool
+    reason: str
+    replay: dict | None = None  # the configuration a refit trains
+
+    @property
+    def kind(self) -> str:
+        return "full search" if self.full else "refit"
+
+
+def plan_training(settings: Settings, client: MlflowClient, s3, data: Dataset, force: bool) -> tuple:
+    """(production version or None, a skipped TrainOutcome when the data did not change, RetuneDecision)."""
+    if len(data.y) == 0 or min(data.counts().values()) == 0:
+        raise NotEnoughData(
+            f"not enough labelled, embedded products to train (split counts {data.counts()}): ingest a "
+            "ZIP with its Y file (labels) first"
+        )
+    name = settings.registered_model_name
+    production = registry.version_by_alias(client, name, registry.PRODUCTION)
+    card = registry.load_version(client, name, production.version).card if production else None
+    if card is not None and not force and card.get("data_fingerprint") == data.fingerprint:
+        reason = f"data (embeddings and labels) unchanged since production v{production.version}"
+        return production, TrainOutcome(True, reason), None
+    train_rows = int((data.split == TRAIN).sum())
+    return (
+        production,
+        None,
+        decide_retune(settings, card, production, train_rows, lake.latest_drift_report(s3, settings)),
+    )
+
+
+def decide_retune(
+    settings: Settings, card: dict | None, production, train_rows: int, drift: dict | None
+) -> RetuneDecision:
+    """The retune policy (``settings.retune_policy``): ``auto`` searches again when the labelled training
+    rows grew by at least ``retune_growth_fraction`` since production was trained, or the newest drift
+    report flagged production; otherwise it refits production's configuration (cheap, still guarded by
+    the promotion rule). ``always`` / ``never`` force one branch; with nothing to reuse, it searches."""
+    if settings.retune_policy == "always":
+        return RetuneDecision(True, "retune_policy=always")
+    if card is None:
+        return RetuneDecision(True, "no production model yet")
+    if "tune_config" not in card or card.get("head_kind", MLP_KIND) != settings.head_kind:
+        return RetuneDecision(True, f"production v{production.version} has no configuration for this head")
+    refit = RetuneDecision(False, "retune_policy=never", card["tune_config"])
+    if settings.retune_policy == "never":
+        return refit
+    if drift and drift.get("drifted") and str(drift.get("model_version")) == str(production.version):
+        return RetuneDecision(
+            True, f"the monitor flagged drift on production v{production.version} ({drift['key']})"
+        )
+    before = sum(card.get("class_counts_train", {}).values())
+    growth = train_rows / max(before, 1) - 1
+    threshold = settings.retune_growth_fraction
+    if growth >= threshold:
+        return RetuneDecision(
+            True, f"labelled training rows grew {growth:+.0%} since v{production.version} (≥ {threshold:.0%})"
+        )
+    reason = (
+        f"labelled training rows grew {growth:+.0%} since v{production.version} (< {threshold:.0%}), no drift"
+    )
+    return replace(refit, reason=reason)
 
 
 class NotEnoughData(UserError):

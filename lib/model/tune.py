@@ -169,7 +169,7 @@ def tune_head(
     replay: list[dict] | None = None,
     kind: str = MLP_KIND,
 ) -> TuneResult:
-    """Run the search; the best trial is the one with the best val F1-macro over its epochs.
+    """Run the search; the best trial as ``best_trial`` picks it.
 
     ``replay``: run exactly these configurations, in order, instead of searching (``trials`` is then
     their number). The benchmark's FIFO baseline replays ASHA's trials so that the two schedulers train
@@ -209,14 +209,26 @@ def tune_head(
         name=f"fusion-{parent_run_id[:8]}", storage_path=str(settings.state_dir / "tune"), verbose=1
     )
     results = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config).fit()
-    best = results.get_best_result(metric=TARGET, mode="max", scope="all")
+    best, score = best_trial(results, experts, max_epochs)
     return TuneResult(
         config=best.config,
-        val_f1_macro=float(best.metrics_dataframe[TARGET].max()),
+        val_f1_macro=score,
         trials=len(results),
         configs=[r.config for r in results],
         stopped_early=sum(len(r.metrics_dataframe) < max_epochs for r in results),
     )
+
+
+def best_trial(results, experts: bool, rounds: int) -> tuple:
+    """The winning trial and its score. MLP: the best epoch of any trial (early stopping keeps that
+    epoch's weights). Experts: the best out-of-fold F1 among trials that ran all ``rounds`` folds: the
+    score of a trial ASHA stopped early is measured on a fraction of the products and would win by noise."""
+    if not experts:
+        best = results.get_best_result(metric=TARGET, mode="max", scope="all")
+        return best, float(best.metrics_dataframe[TARGET].max())
+    complete = [r for r in results if r.metrics_dataframe is not None and len(r.metrics_dataframe) >= rounds]
+    best = max(complete, key=lambda r: r.metrics[TARGET])
+    return best, float(best.metrics[TARGET])
 
 
 def close_stopped_trials(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:

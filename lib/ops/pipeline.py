@@ -5,13 +5,15 @@ One JSON record per ZIP content (the batch id), at ``lib.data.layout.pipeline_re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from lib.data.layout import PIPELINE, batch_of_pipeline_record, pipeline_record_key
 from lib.data.storage import exists, get_json, list_keys, put_json
 from lib.settings import Settings
 
-STAGES = ("ingest", "embed", "train")
+STAGES = ("ingest", "embed", "train")  # a labelled batch
+CLASSIFY_STAGES = ("ingest", "embed", "classify")  # an unlabelled one: classified, never trained on
 SUCCEEDED, FAILED, RUNNING = "succeeded", "failed", "running"
 BATCH_SOURCE = "batch:"  # ``python -m jobs.pipeline batch:<id>`` finishes a batch already ingested
 
@@ -45,12 +47,24 @@ def records(client, settings: Settings, skip: set[str] = frozenset()) -> list[di
     return sorted(out, key=lambda r: min((s["at"] for s in r["stages"].values()), default=""))
 
 
+def stages_of(record: dict) -> tuple[str, ...]:
+    """The batch's stages: known once ingest has said whether it is labelled."""
+    ingested = record["stages"].get("ingest", {}).get("result") or {}
+    return CLASSIFY_STAGES if ingested.get("labelled") is False else STAGES
+
+
 def pending_stages(record: dict) -> list[str]:
     """Stages still to run, in order: everything from the first stage that did not succeed."""
-    for i, stage in enumerate(STAGES):
+    stages = stages_of(record)
+    for i, stage in enumerate(stages):
         if record["stages"].get(stage, {}).get("status") != SUCCEEDED:
-            return list(STAGES[i:])
+            return list(stages[i:])
     return []
+
+
+def waits_for_a_model(record: dict) -> bool:
+    """Its classify stage failed for want of a production model (the watcher resumes it once one exists)."""
+    return record["stages"].get("classify", {}).get("waiting_for") == "production model"
 
 
 def mark(client, settings: Settings, record: dict, stage: str, status: str, **details) -> dict:
@@ -68,11 +82,28 @@ def needs_resume(record: dict, jobs: dict[str, str]) -> bool:
     stages = record["stages"]
     if stages.get("ingest", {}).get("status") != SUCCEEDED or not pending_stages(record):
         return False
-    statuses = {stages.get(stage, {}).get("status") for stage in STAGES}
+    statuses = {stages.get(stage, {}).get("status") for stage in stages_of(record)}
     if FAILED in statuses:
         return True
     last = last_attempt(record["batch_id"], jobs)
     return RUNNING in statuses and last is not None and jobs[last] not in ACTIVE_JOB_STATES
+
+
+def to_resume(
+    records: list[dict], jobs: dict[str, str], model_ready: Callable[[], bool]
+) -> list[tuple[str, str]]:
+    """(``batch:<id>``, batch id) of the records that ``needs_resume``; one waiting for a production model
+    only once ``model_ready()`` (asked at most once)."""
+    out, ready = [], None
+    for record in records:
+        if not needs_resume(record, jobs):
+            continue
+        if waits_for_a_model(record):
+            ready = model_ready() if ready is None else ready
+            if not ready:
+                continue
+        out.append((f"{BATCH_SOURCE}{record['batch_id']}", record["batch_id"]))
+    return out
 
 
 # --- the watcher's decisions ----------------------------------------------------------------------

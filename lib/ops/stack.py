@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from pydantic import SecretStr
 
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -41,26 +42,53 @@ class Service:
     url: str
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()  # the credentials it is given (``secret_env``): only those it needs
     start_timeout_s: float = 90.0
     stop_timeout_s: float = 20.0
     after_start: Callable[[Settings], None] | None = None
 
 
+# Environment variables that carry a credential: never inherited by a service that was not given it.
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BACKEND_STORE_URI")
+
+
 def _base_env(settings: Settings) -> dict[str, str]:
-    """Environment shared by every service: the settings themselves (so Ray workers and jobs see the
-    same configuration as the launcher), S3 credentials, and the venv first on PATH."""
-    env = dict(os.environ)
-    env.update(settings.s3_env())
+    """Environment shared by every service: the non-secret settings (so Ray workers and jobs see the
+    same configuration as the launcher) and the venv first on PATH; no credential (``secret_env``)."""
+    secret_fields = {f"RAKUTEN_{name.upper()}" for name, value in settings if isinstance(value, SecretStr)}
+    secret_fields.add("RAKUTEN_MLFLOW_BACKEND_STORE_URI")
+    env = {k: v for k, v in os.environ.items() if k not in secret_fields and k not in SECRET_VARIABLES}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{PROJECT_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "disabled"
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        env[f"RAKUTEN_{name.upper()}"] = str(raw)
+    env |= mlflow_client_env(settings)
+    for name, value in settings:
+        if value is not None and f"RAKUTEN_{name.upper()}" not in secret_fields:
+            env[f"RAKUTEN_{name.upper()}"] = str(value)
+    return env
+
+
+def mlflow_client_env(settings: Settings) -> dict[str, str]:
+    """MLflow client retry variables: its default (7 retries, backoff factor 2) waits ~4 min per call."""
+    return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow_http_max_retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+
+
+def secret_env(settings: Settings, names: tuple[str, ...]) -> dict[str, str]:
+    """The credentials ``names`` as environment variables: ``s3`` (keys, for boto3 and the settings),
+    ``serve_token`` (Serve's bearer token), ``mlflow_backend`` (the MLflow server's database URI)."""
+    env: dict[str, str] = {}
+    if "s3" in names:
+        env |= settings.s3_env() | {
+            "RAKUTEN_S3_ACCESS_KEY": settings.s3_access_key.get_secret_value(),
+            "RAKUTEN_S3_SECRET_KEY": settings.s3_secret_key.get_secret_value(),
+        }
+    if "serve_token" in names and settings.serve_auth_token is not None:
+        env["RAKUTEN_SERVE_AUTH_TOKEN"] = settings.serve_auth_token.get_secret_value()
+    if "mlflow_backend" in names:
+        env["MLFLOW_BACKEND_STORE_URI"] = settings.mlflow_backend_uri
     return env
 
 
@@ -113,9 +141,9 @@ def _s3_service(settings: Settings) -> Service:
 
 def _mlflow_service(settings: Settings) -> Service:
     (settings.state_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+    # The backend URI (it may hold a password) reaches the server by MLFLOW_BACKEND_STORE_URI, not argv.
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", settings.mlflow_backend_uri,
         "--artifacts-destination", f"s3://{settings.bucket_mlflow}/artifacts",
         "--host", settings.host, "--port", str(settings.mlflow_port),
         "--workers", "1",
@@ -123,8 +151,9 @@ def _mlflow_service(settings: Settings) -> Service:
     # Job execution spawns a pool of extra workers: 37 s and 2.9 GB at start-up instead of 12 s / 0.5 GB.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return Service(
-        "mlflow", command, f"{settings.mlflow_uri}/health", settings.mlflow_uri, settings.mlflow_port, env
-    )
+        "mlflow", command, f"{settings.mlflow_uri}/health", settings.mlflow_uri, settings.mlflow_port, env,
+        secrets=("s3", "mlflow_backend"),
+    )  # fmt: skip
 
 
 # Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED set, without its direct ingress: that gives each ingress
@@ -158,7 +187,7 @@ def _ray_service(settings: Settings) -> Service:
         command.append(f"--num-cpus={settings.ray_num_cpus}")
     return Service(
         "ray", command, f"{settings.ray_dashboard_url}/api/version", settings.ray_dashboard_url,
-        settings.ray_dashboard_port, serve_runtime_env(settings),
+        settings.ray_dashboard_port, serve_runtime_env(settings), secrets=("s3", "serve_token"),
         # Ray keeps no state worth a graceful stop; some of its processes linger ~20 s after SIGTERM.
         stop_timeout_s=5,
     )  # fmt: skip
@@ -167,8 +196,9 @@ def _ray_service(settings: Settings) -> Service:
 def _dash_service(settings: Settings) -> Service:
     command = [sys.executable, "-m", "dash_app"]
     return Service(
-        "dash", command, f"{settings.dash_url}/", settings.dash_url, settings.dash_port, stop_timeout_s=5
-    )
+        "dash", command, f"{settings.dash_url}/", settings.dash_url, settings.dash_port,
+        secrets=("s3", "serve_token"), stop_timeout_s=5,
+    )  # fmt: skip
 
 
 CORE_SERVICES = ("s3", "mlflow", "ray")
@@ -222,7 +252,7 @@ def _start(settings: Settings, service: Service) -> psutil.Process:
     log = log_file(settings, service.name)
     log.parent.mkdir(parents=True, exist_ok=True)
     _pid_file(settings, service.name).parent.mkdir(parents=True, exist_ok=True)
-    env = _base_env(settings) | service.env
+    env = _base_env(settings) | secret_env(settings, service.secrets) | service.env
     with log.open("ab") as out:
         out.write(f"\n=== {time.strftime('%F %T')} starting {service.name}\n".encode())
         out.flush()

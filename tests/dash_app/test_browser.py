@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs import classify as classify_job
 from lib.data.rakuten import PRDTYPECODES
 from lib.settings import PROJECT_ROOT
 
@@ -37,7 +38,7 @@ PAGES = {"predict": "/", "catalogue": "/catalogue", "training": "/training", "mo
 # The containers each page fills from its data callbacks: the page is ready when all have content.
 FILLED = {
     "predict": ["#predict-result"],
-    "catalogue": ["#catalogue-summary", "#catalogue-grid"],
+    "catalogue": ["#catalogue-summary", "#catalogue-grid", "#classified-summary"],
     "training": ["#training-summary", "#training-run-details"],
     "monitoring": ["#monitoring-content"],
 }
@@ -141,6 +142,15 @@ def wait_rendered(driver, page: str, timeout_s: float = PAGE_TIMEOUT_S) -> None:
 
     WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(
         lambda d: d.execute_script(RENDERED_JS, FILLED[page])
+    )
+
+
+def wait_for_element(driver, selector: str, timeout_s: float = PAGE_TIMEOUT_S) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, selector)
     )
 
 
@@ -317,10 +327,15 @@ def test_monitoring_shows_the_prediction_just_made(prediction, live_dashboard, b
     screenshot(browser, "monitoring")
 
 
-def test_catalogue_and_training_pages_show_the_model(production_model, live_dashboard, browser):
+def test_catalogue_and_training_pages_show_the_model(production_model, live_dashboard, browser, stack):
+    # The training batch classified in bulk too: the catalogue page lists it with its submission file.
+    classified = classify_job.run(stack, batch_id=production_model["manifest"].batch_id)
     catalogue = visit(browser, live_dashboard, "catalogue", "catalogue")
     assert f"{production_model['manifest'].accepted:,}" in catalogue
     assert browser.find_elements("css selector", "#catalogue-grid .tile img")
+    summary = browser.find_element("css selector", "#classified-summary").text
+    assert classified.batch_id in summary and f"v{classified.model_version}" in summary
+    wait_for_element(browser, "#classified-detail .js-plotly-plot")
     training = visit(browser, live_dashboard, "training", "training")
     assert f"v{production_model['train'].version}" in training
     assert browser.find_elements("css selector", "#training-run-details img.confusion")

@@ -248,7 +248,7 @@ def declare_size(data: bytes, member: str, size: int) -> bytes:
     return bytes(out)
 
 
-def test_zip_bombs_and_lying_sizes_are_refused_without_inflating_them(s3, stack, lake_reset):
+def test_fault_zip_bombs_and_lying_sizes_are_refused_without_inflating_them(s3, stack, lake_reset):
     """CSV members used to be inflated whole, and image members to their declared size, before any check."""
     settings = stack.model_copy(update={"max_csv_bytes": 1_000_000})
     rows = [("Produit", "desc", 1, 11), ("Autre", "desc", 2, 12)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs import make_sample
-from lib.data.rakuten import X_FILE, Y_FILE
+from lib.data.rakuten import X_FILE, X_TEST_FILE, Y_FILE
 
 
 def test_main_writes_the_zip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,5 +31,5 @@ def test_main_unlabelled_with_top_folder(tmp_path: Path) -> None:
     assert make_sample.main(argv) == 0
     with zipfile.ZipFile(out) as archive:
         names = archive.namelist()
-    assert f"data/{X_FILE}" in names
+    assert f"data/{X_TEST_FILE}" in names  # the challenge's test layout
     assert f"data/{Y_FILE}" not in names

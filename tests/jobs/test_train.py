@@ -254,3 +254,23 @@ def test_the_default_head_is_the_experts_tuned_fold_by_fold_and_promoted(trained
     assert set(out.ablation) == {"lexical", "text", "image", "fusion", "fusion_lexical"}
     assert out.test["f1_macro"] > 0.3 and loaded.card["fusion_weights"]["lexical_scale"] > 0
     assert_pyfunc_predicts(stack, loaded)
+
+
+# After the experts test: it builds on that production model.
+def test_a_small_new_batch_refits_the_production_configuration_in_one_trial(trained, stack):
+    client = MlflowClient(stack.mlflow_uri)
+    name = stack.registered_model_name
+    production = registry.version_by_alias(client, name, registry.PRODUCTION)
+    card = registry.load_version(client, name, production.version).card
+    buf = io.BytesIO()
+    write_sample_zip(SampleSpec(products=30, seed=13, image_size=32), buf)  # +~8 % rows: below 20 %
+    put_bytes(s3_client(stack), stack.bucket_incoming, "small.zip", buf.getvalue())
+    ingest_job.run(f"s3://{stack.bucket_incoming}/small.zip", stack)
+    write_synthetic_embeddings(stack)
+    out = train_job.run(stack, trials=5)
+    assert out.retune.startswith("refit") and f"v{production.version}" in out.retune
+    trials = client.search_runs(
+        [client.get_run(out.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{out.run_id}'"
+    )
+    assert len(trials) == 1 and out.best.config == card["tune_config"]
+    assert client.get_run(out.run_id).data.params["retune"] == "refit"

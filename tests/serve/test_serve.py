@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
 import tempfile
 import threading
 import time
@@ -361,7 +363,7 @@ def test_a_model_for_other_encoders_is_refused_and_rollback_is_followed(v1, app,
     assert served_version(app, serving)
 
 
-def test_a_killed_replica_is_replaced_while_requests_keep_succeeding(v1, app, ray_cluster):
+def test_fault_a_killed_serve_replica_is_replaced_while_requests_keep_succeeding(v1, app, ray_cluster):
     def replicas(deployment: str) -> list[str]:
         prefix = f"{REPLICA_PREFIX}{app.serve_app_name}#{deployment}#"
         return [
@@ -432,11 +434,12 @@ def test_predictions_are_logged_to_s3_with_training_identical_embeddings(
     assert json.loads(json.dumps(served))  # plain JSON all the way
 
 
-def test_s3_killed_under_traffic_every_request_answers_and_every_log_row_lands(v1, app, s3, stack):
-    """The S3 server's process is stopped while requests come in: a prediction never needs S3, and its
-    log row waits in the replica's spool until S3 is back (rows counted by their input hashes)."""
+def test_fault_s3_killed_under_traffic_every_request_answers_and_every_log_row_lands(v1, app, s3, stack):
+    """The S3 server is killed (-9) while requests come in: a prediction never needs S3, and its log row
+    waits in the replica's spool until S3 is back (rows counted by their input hashes)."""
     texts = [f"Coussin déhoussable motif {i}" for i in range(12)]
-    stack_mod.down(stack, ["s3"], echo=lambda *_: None)
+    s3_pid = next(r["pid"] for r in stack_mod.status(stack) if r["name"] == "s3")
+    os.killpg(os.getpgid(s3_pid), signal.SIGKILL)
     try:
         with client(app) as http:
             statuses = [http.post("/predict", json={"designation": t}).status_code for t in texts]

@@ -14,7 +14,15 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from lib.data.rakuten import OFFICIAL_CLASS_COUNTS, X_COLUMNS, X_FILE, Y_COLUMNS, Y_FILE, image_member_name
+from lib.data.rakuten import (
+    OFFICIAL_CLASS_COUNTS,
+    X_COLUMNS,
+    X_FILE,
+    X_TEST_FILE,
+    Y_COLUMNS,
+    Y_FILE,
+    image_member_name,
+)
 from lib.data.sample import SampleSpec, class_counts, generate_catalogue, render_image, write_sample_zip
 
 # Small images keep the suite fast; the signal does not depend on the size.
@@ -138,12 +146,13 @@ def test_top_folder_prefixes_every_member(tmp_path: Path) -> None:
     assert sum(name.startswith("rakuten/images/image_train/") for name in names) == 30
 
 
-def test_unlabelled_has_no_y_file(tmp_path: Path) -> None:
+def test_unlabelled_is_the_challenges_test_layout(tmp_path: Path) -> None:
     path, catalogue = _write(tmp_path, "u.zip", SampleSpec(30, image_size=16, with_labels=False))
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
-    assert X_FILE in names
+    assert X_TEST_FILE in names and X_FILE not in names
     assert not any(name.endswith(Y_FILE) for name in names)
+    assert sum(name.startswith("images/image_test/image_") for name in names) == 30
     assert "prdtypecode" in catalogue.columns  # the ground truth is still returned to the caller
 
 

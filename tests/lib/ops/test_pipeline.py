@@ -12,6 +12,7 @@ from lib.ops.pipeline import (
     needs_resume,
     pending_stages,
     plan,
+    to_resume,
 )
 
 
@@ -81,3 +82,18 @@ def test_a_stage_left_running_is_resumed_only_once_its_job_has_ended():
     assert not needs_resume(killed, {})  # a run by hand: its owner's
     assert not needs_resume(record(ingest=FAILED), {"pipeline-b1": "FAILED"})  # its ZIP is still in incoming/
     assert not needs_resume(record(ingest=SUCCEEDED, embed=SUCCEEDED, train=SUCCEEDED), {})
+
+
+def test_a_batch_waiting_for_a_model_is_resumed_only_once_one_exists():
+    waiting = record(ingest=SUCCEEDED, embed=SUCCEEDED, classify=FAILED)
+    waiting["stages"]["ingest"]["result"] = {"labelled": False}
+    waiting["stages"]["classify"]["waiting_for"] = "production model"
+    asked = []
+
+    def model_ready(answer: bool):
+        return lambda: asked.append(answer) or answer
+
+    assert pending_stages(waiting) == ["classify"]  # an unlabelled batch is classified, never trained
+    assert to_resume([waiting, waiting], {"pipeline-b1": "FAILED"}, model_ready(False)) == []
+    assert asked == [False]  # the registry is asked once per pass
+    assert to_resume([waiting], {"pipeline-b1": "FAILED"}, model_ready(True)) == [("batch:b1", "b1")]

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -129,9 +130,22 @@ def test_ray_job_submit_succeeds_and_status_is_checked(stack):
     assert client.get_job_status(jobs[-1].submission_id) == JobStatus.SUCCEEDED
 
 
-def test_secrets_are_not_printed(stack):
-    text = repr(stack) + str(stack.model_dump())
-    assert stack.s3_secret_key.get_secret_value() not in text
+def test_credentials_reach_only_the_service_that_needs_them_and_never_argv_or_pid_files(stack):
+    """The MLflow backend URI (it may hold user:password) was on MLflow's command line and in its pid
+    file, and every secret was exported into every service's environment."""
+    secret = stack.s3_secret_key.get_secret_value()
+    running = {r["name"]: psutil.Process(r["pid"]) for r in stack_mod.status(stack) if r["pid"]}
+    assert {"s3", "mlflow", "ray"} <= set(running)
+    for name, proc in running.items():
+        assert not any(secret in arg or stack.mlflow_backend_uri in arg for arg in proc.cmdline()), name
+    for pid_file in (stack.state_dir / "pids").glob("*.json"):
+        assert secret not in pid_file.read_text() and stack.mlflow_backend_uri not in pid_file.read_text()
+    environments = {name: proc.environ() for name, proc in running.items()}
+    # SeaweedFS reads its keys from its 0600 config file; only MLflow gets the database URI.
+    assert secret not in environments["s3"].values() and "AWS_SECRET_ACCESS_KEY" not in environments["s3"]
+    assert environments["mlflow"]["MLFLOW_BACKEND_STORE_URI"] == stack.mlflow_backend_uri
+    assert "MLFLOW_BACKEND_STORE_URI" not in environments["ray"]
+    assert environments["ray"]["AWS_SECRET_ACCESS_KEY"] == secret  # jobs and Serve replicas read S3
 
 
 def test_bad_object_uri_is_a_clear_error():

@@ -1,0 +1,100 @@
+"""Classify a whole catalogue in bulk with the ``production`` model: ingest → embed → classify, no training.
+
+``python -m jobs.classify s3://incoming/NAME.zip`` · ``python -m jobs.classify --batch BATCH_ID`` (a
+stored batch, with today's production model). Writes ``classified/<batch_id>/predictions.parquet`` and
+``submission.csv`` (the challenge's format, X-file order), committed by a manifest written last. The
+pipeline runs the same stage for an unlabelled ZIP dropped into ``incoming/``. The logic:
+``lib.model.classify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import ray
+from mlflow import MlflowClient
+
+from jobs import embed, ingest
+from jobs.common import connect_ray, run_cli
+from lib.data import lake
+from lib.data.storage import s3_client
+from lib.errors import UserError
+from lib.model import classify, registry
+from lib.ops.preflight import require
+from lib.settings import Settings, get_settings
+
+
+class Classifier:
+    """A Ray Data actor: the model version loaded once, then applied to each block of rows."""
+
+    def __init__(self, settings: Settings, version: str) -> None:
+        client = MlflowClient(settings.mlflow_uri)
+        self.loaded = registry.load_version(client, settings.registered_model_name, version)
+        self.threshold = settings.abstain_threshold
+
+    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        return classify.classify_rows(self.loaded, rows, self.threshold)
+
+
+def classify_stage(settings: Settings, client, batch_id: str) -> classify.ClassifiedBatch:
+    """Classify a stored batch with the production model, unless that version already did."""
+    t0 = time.monotonic()
+    if not lake.is_committed(client, settings, batch_id):
+        raise UserError(f"no committed batch {batch_id!r} in the lake (see the dashboard's catalogue page)")
+    mlflow_client = MlflowClient(settings.mlflow_uri)
+    production = registry.version_by_alias(mlflow_client, settings.registered_model_name, registry.PRODUCTION)
+    if production is None:
+        raise classify.NoProductionModel(
+            f"no production model yet to classify batch {batch_id}: drop a labelled ZIP first; the "
+            "watcher classifies this batch once a model is promoted"
+        )
+    done = classify.committed(client, settings, batch_id)
+    if done is not None and done.model_version == production.version:
+        return done
+    card = registry.load_version(mlflow_client, settings.registered_model_name, production.version).card
+    rows, without = classify.batch_rows(client, settings, batch_id, card.get("lexical_max_chars", 2000))
+    size = settings.classify_block_rows
+    blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)] or [rows]
+    dataset = ray.data.from_pandas(blocks)
+    pool = ray.data.ActorPoolStrategy(size=max(1, min(settings.classify_actors, len(blocks))))
+    predictions = dataset.map_batches(
+        Classifier, fn_constructor_args=(settings, production.version), batch_size=None,
+        batch_format="pandas", compute=pool, num_cpus=settings.data_task_cpus,
+    ).to_pandas()  # fmt: skip
+    return classify.commit(client, settings, batch_id, predictions, without, time.monotonic() - t0)
+
+
+def run(settings: Settings | None = None, zip_uri: str | None = None, batch_id: str | None = None):
+    """Ingest the ZIP (or take the stored batch), embed what is missing, classify."""
+    settings = settings or get_settings()
+    require(settings, "s3", "mlflow")
+    connect_ray(settings)
+    client = s3_client(settings)
+    if zip_uri is not None:
+        batch_id = ingest.run(zip_uri, settings).manifest.batch_id
+    embed.run(settings, batch_id)
+    return classify_stage(settings, client, batch_id)
+
+
+def describe(m: classify.ClassifiedBatch) -> str:
+    """One line for people."""
+    return (
+        f"batch {m.batch_id}: {m.classified} products classified with {m.model_name} v{m.model_version} "
+        f"({m.abstained} abstained, mean confidence {m.mean_confidence:.3f}, {m.without_embedding} without "
+        f"embedding); submission: {m.submission_uri}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.classify", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("zip_uri", nargs="?", help="s3://incoming/NAME.zip (an X file without labels)")
+    source.add_argument("--batch", default=None, help="re-classify this stored batch id")
+    args = parser.parse_args(argv)
+    return run_cli("classify", lambda: print(describe(run(zip_uri=args.zip_uri, batch_id=args.batch))) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
