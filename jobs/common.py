@@ -10,7 +10,7 @@ import pandas as pd
 import ray
 
 from lib.errors import UserError
-from lib.ops.preflight import require
+from lib.ops.preflight import require, use_ray_token
 from lib.settings import Settings, get_settings
 
 
@@ -21,6 +21,7 @@ def connect_ray(settings: Settings) -> None:
         address = os.environ.get("RAY_ADDRESS") or settings.ray_address
         if "://" not in address and address != "auto":
             require(settings, "ray", ray_address=address)
+        use_ray_token(settings)
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
 
 

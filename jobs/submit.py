@@ -14,6 +14,7 @@ import time
 import yaml
 from ray.job_submission import JobSubmissionClient
 
+from lib.ops.preflight import use_ray_token
 from lib.ops.provenance import git_sha
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -29,6 +30,8 @@ def runtime_env(settings: Settings) -> dict:
 
 
 def job_client(settings: Settings) -> JobSubmissionClient:
+    """The job API of the stack's Ray head (with the stack's token)."""
+    use_ray_token(settings)
     return JobSubmissionClient(settings.ray_dashboard_url)
 
 

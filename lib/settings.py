@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     # --- Ray ------------------------------------------------------------------------------------
     ray_gcs_port: int = 6379
     ray_dashboard_port: int = 8265
+    ray_token_auth: bool = Field(
+        True,
+        description="Ray token authentication on the stack's head (without it, whoever reaches a Ray port "
+        "runs code there); the token is generated once into state_dir/ray_auth_token.",
+    )
     ray_num_cpus: int | None = Field(None, description="CPUs the local head advertises; None = all.")
     ray_object_store_bytes: int = 1_000_000_000
 
@@ -247,6 +252,10 @@ class Settings(BaseSettings):
         if self.mlflow_backend_store_uri is not None:
             return self.mlflow_backend_store_uri.get_secret_value()
         return f"sqlite:///{self.state_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def ray_auth_token_path(self) -> Path:
+        return self.state_dir / "ray_auth_token"
 
     @property
     def predlog_spool(self) -> Path:

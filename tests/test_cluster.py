@@ -270,7 +270,9 @@ def test_ray_up_job_and_ray_down_as_unprivileged_user():
     saved = {name: (home / name).read_bytes() if (home / name).exists() else None
              for name in (".bashrc", ".ssh/authorized_keys")}  # fmt: skip
     env = {
-        **os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # The local stack's Ray token mode is this process's; cluster.yaml's nodes run without it.
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
         # The launcher's cluster state away from /tmp/ray, where the head's autoscaler (as USER) keeps its.
         "RAY_TMPDIR": str(WORK / "launcher"),

@@ -3,6 +3,7 @@ minutes of client retries ending in a traceback."""
 
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -14,6 +15,31 @@ TIMEOUT_S = 3.0
 
 class ServiceUnavailable(UserError):
     """A service the stage needs does not answer."""
+
+
+def ray_auth_env(settings: Settings) -> dict[str, str]:
+    """The environment that puts a Ray process (head, worker, driver, job client) in the stack's auth mode."""
+    if not settings.ray_token_auth:
+        return {"RAY_AUTH_MODE": "disabled"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_path)}
+
+
+def use_ray_token(settings: Settings) -> None:
+    """Make this process a client of the stack's Ray with its token (before ``ray.init`` or a job client).
+
+    A process that already has an auth mode (a Ray job inherits its cluster's) is left as it is, and so is
+    one whose stack has no token file yet (a stack started before token auth: it accepts any client).
+    """
+    if "RAY_AUTH_MODE" in os.environ or not settings.ray_token_auth:
+        return
+    if not settings.ray_auth_token_path.exists():
+        return
+    os.environ.update(ray_auth_env(settings))
+    # lazy: Ray reads the auth mode into its per-process config when first imported; its own token set-up
+    # (ray._private.authentication) refreshes that config the same way after setting the variable.
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def endpoints(settings: Settings, address: str | None = None) -> dict[str, tuple[str, int]]:

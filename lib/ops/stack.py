@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 import psutil
 from pydantic import SecretStr
 
+from lib.ops.preflight import ray_auth_env
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
 VENV_BIN = Path(sys.executable).parent
@@ -61,7 +63,7 @@ def _base_env(settings: Settings) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{PROJECT_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_AUTH_MODE"] = "disabled"
+    env |= ray_auth_env(settings)  # Ray's head (and so its workers and jobs) asks every client for the token
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
     env |= mlflow_client_env(settings)
     for name, value in settings:
@@ -74,6 +76,16 @@ def mlflow_client_env(settings: Settings) -> dict[str, str]:
     """MLflow client retry variables: its default (7 retries, backoff factor 2) waits ~4 min per call."""
     return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.mlflow_http_max_retries),
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+
+
+def ensure_ray_token(settings: Settings) -> None:
+    """Generate the stack's Ray token once (0600 in the state directory; never printed)."""
+    path = settings.ray_auth_token_path
+    if not settings.ray_token_auth or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(secrets.token_hex(32))
 
 
 def secret_env(settings: Settings, names: tuple[str, ...]) -> dict[str, str]:
@@ -186,7 +198,8 @@ def _ray_service(settings: Settings) -> Service:
     if settings.ray_num_cpus is not None:
         command.append(f"--num-cpus={settings.ray_num_cpus}")
     return Service(
-        "ray", command, f"{settings.ray_dashboard_url}/api/version", settings.ray_dashboard_url,
+        # /api/gcs_healthz answers without the token (/api/version asks for it).
+        "ray", command, f"{settings.ray_dashboard_url}/api/gcs_healthz", settings.ray_dashboard_url,
         settings.ray_dashboard_port, serve_runtime_env(settings), secrets=("s3", "serve_token"),
         # Ray keeps no state worth a graceful stop; some of its processes linger ~20 s after SIGTERM.
         stop_timeout_s=5,
@@ -300,6 +313,7 @@ def reset_lake_and_registry(settings: Settings) -> None:
 def up(settings: Settings | None = None, names: list[str] | None = None, echo: Callable = print) -> None:
     """Start the services that are not running (all of them by default) and wait until healthy."""
     settings = settings or get_settings()
+    ensure_ray_token(settings)
     selected = [s for s in services(settings) if names is None or s.name in names]
     started: list[tuple[Service, psutil.Process]] = []
     for service in selected:

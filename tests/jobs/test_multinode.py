@@ -124,7 +124,7 @@ def test_embedding_actors_run_on_both_nodes(stack, s3, lake_reset, tmp_path):
     try:
         t0 = time.monotonic()
         _start_node(head_cmd, env, log, started)
-        _wait(lambda: is_healthy(f"http://127.0.0.1:{DASHBOARD}/api/version"), 180, "head", started, log)
+        _wait(lambda: is_healthy(f"http://127.0.0.1:{DASHBOARD}/api/gcs_healthz"), 180, "head", started, log)
         _start_node(worker_cmd, env, log, started)
         _wait(lambda: len(_alive_nodes()) == 2, 180, "second node", started, log)
         nodes = {n.node_id: n for n in _alive_nodes()}

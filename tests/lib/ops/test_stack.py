@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -130,16 +131,51 @@ def test_ray_job_submit_succeeds_and_status_is_checked(stack):
     assert client.get_job_status(jobs[-1].submission_id) == JobStatus.SUCCEEDED
 
 
+REFUSED_PROBE = """
+import sys, ray
+from ray.job_submission import JobSubmissionClient
+try:
+    JobSubmissionClient(sys.argv[2]).list_jobs()
+    print("job API answered")
+except Exception as err:
+    print("job API refused:", type(err).__name__)
+try:
+    ray.init(address=sys.argv[1])
+    print("cluster accepted")
+except Exception as err:
+    print("cluster refused:", type(err).__name__)
+"""
+
+
+def test_the_stacks_ray_refuses_a_client_without_its_token(stack):
+    """Ray without authentication runs any code sent to it: the stack's head now asks for a token."""
+    token = stack.ray_auth_token_path
+    assert token.exists() and token.stat().st_mode & 0o777 == 0o600
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    probe = subprocess.run([sys.executable, "-c", REFUSED_PROBE, stack.ray_address, stack.ray_dashboard_url],
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "job API refused" in probe.stdout and "cluster refused" in probe.stdout, (
+        probe.stdout + probe.stderr[-2000:]
+    )
+    with_token = env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    probe = subprocess.run([sys.executable, "-c", REFUSED_PROBE, stack.ray_address, stack.ray_dashboard_url],
+                           env=with_token, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "job API answered" in probe.stdout and "cluster accepted" in probe.stdout, probe.stderr[-2000:]
+
+
 def test_credentials_reach_only_the_service_that_needs_them_and_never_argv_or_pid_files(stack):
     """The MLflow backend URI (it may hold user:password) was on MLflow's command line and in its pid
     file, and every secret was exported into every service's environment."""
     secret = stack.s3_secret_key.get_secret_value()
+    ray_token = stack.ray_auth_token_path.read_text()
     running = {r["name"]: psutil.Process(r["pid"]) for r in stack_mod.status(stack) if r["pid"]}
     assert {"s3", "mlflow", "ray"} <= set(running)
     for name, proc in running.items():
-        assert not any(secret in arg or stack.mlflow_backend_uri in arg for arg in proc.cmdline()), name
+        assert not any(
+            s in arg for arg in proc.cmdline() for s in (secret, stack.mlflow_backend_uri, ray_token)
+        ), name
     for pid_file in (stack.state_dir / "pids").glob("*.json"):
-        assert secret not in pid_file.read_text() and stack.mlflow_backend_uri not in pid_file.read_text()
+        assert not any(s in pid_file.read_text() for s in (secret, stack.mlflow_backend_uri, ray_token))
     environments = {name: proc.environ() for name, proc in running.items()}
     # SeaweedFS reads its keys from its 0600 config file; only MLflow gets the database URI.
     assert secret not in environments["s3"].values() and "AWS_SECRET_ACCESS_KEY" not in environments["s3"]
