@@ -79,12 +79,14 @@ def summary(answer: dict) -> str:
     return json.dumps({k: answer.get(k) for k in keys}, ensure_ascii=False)
 
 
-def wait_for_serve(settings: Settings, timeout_s: float) -> dict:
+def wait_for_serve(settings: Settings, timeout_s: float, version: str | None = None) -> dict:
+    """Serve's health once it serves a production model (``version``, when the pipeline just promoted one:
+    replicas pick it up within ``serve_model_poll_s``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             health = httpx.get(f"{settings.serve_url}/health", timeout=5)
-            if health.status_code == 200:
+            if health.status_code == 200 and version in (None, str(health.json().get("model_version"))):
                 return health.json()
         except httpx.HTTPError:
             pass
@@ -112,8 +114,11 @@ def demo(zip_path: Path, settings: Settings) -> int:
         f"(batch {batch_id}); the watcher runs the pipeline:",
         flush=True,
     )
-    wait_for_pipeline(settings, batch_id, settings.pipeline_timeout_s)
-    health = wait_for_serve(settings, settings.serve_ready_timeout_s)
+    record = wait_for_pipeline(settings, batch_id, settings.pipeline_timeout_s)
+    trained = record["stages"]["train"].get("result") or {}
+    health = wait_for_serve(
+        settings, settings.serve_ready_timeout_s, trained.get("version") if trained.get("promoted") else None
+    )
     body = sample_request(zip_path)
     answer = httpx.post(f"{settings.serve_url}/predict", json=body, timeout=30).json()
     text_only = {"designation": body["designation"], "description": body["description"][:200]}
