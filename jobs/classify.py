@@ -53,8 +53,7 @@ def classify_stage(settings: Settings, client, batch_id: str) -> classify.Classi
     done = classify.committed(client, settings, batch_id)
     if done is not None and done.model_version == production.version:
         return done
-    card = registry.load_version(mlflow_client, settings.registered_model_name, production.version).card
-    rows, without = classify.batch_rows(client, settings, batch_id, card.get("lexical_max_chars", 2000))
+    rows, without = classify.batch_rows(client, settings, batch_id)
     size = settings.classify_block_rows
     blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)] or [rows]
     dataset = ray.data.from_pandas(blocks)

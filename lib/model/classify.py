@@ -83,13 +83,15 @@ def submission_csv(predictions: pd.DataFrame) -> bytes:
     return frame.to_csv().encode()
 
 
-def batch_rows(client, settings: Settings, batch_id: str, lexical_max_chars: int) -> tuple[pd.DataFrame, int]:
-    """The batch's products with their stored embeddings and lexical text; and how many have none."""
+def batch_rows(client, settings: Settings, batch_id: str) -> tuple[pd.DataFrame, int]:
+    """The batch's products with their stored embeddings and lexical text (cut as Serve cuts it); and how
+    many have no stored embedding."""
     products = lake.batch_products(client, settings, batch_id, [*PRODUCT_COLUMNS, "row"])
     set_id = encoder_set_id(*encoder_ids(settings))
     inputs = embedding_inputs(products, settings, set_id).assign(row=products["row"].to_numpy())
     fields_ = zip(products["designation_clean"], products["description_clean"], strict=True)
-    inputs["lexical_text"] = [lexical_text(title, body, lexical_max_chars) for title, body in fields_]
+    cut = settings.lexical_max_chars
+    inputs["lexical_text"] = [lexical_text(title, body, cut) for title, body in fields_]
     columns = ["embed_hash", "text_emb", "image_emb"]
     vectors = read_embeddings(client, settings, set_id, columns, inputs["embed_hash"].tolist())
     joined = inputs.merge(vectors.drop_duplicates("embed_hash"), on="embed_hash", how="inner")
