@@ -27,7 +27,7 @@ import pandas as pd
 from starlette.requests import Request  # module level: FastAPI resolves the route's string annotations here
 
 from benchmarks.common import bench_parser, bench_stack, print_table
-from lib.ops.preflight import use_ray_token
+from lib.ops.preflight import use_stack_ray
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
 CONCURRENCY = (1, 8, 32)
@@ -311,7 +311,7 @@ def main() -> None:
 
     rows: list[list[object]] = []
     with bench_stack() as settings:
-        use_ray_token(settings)
+        use_stack_ray(settings)
         ray.init(address=settings.ray_address, logging_level="WARNING", log_to_driver=False)
         try:
             catalogue = build_production_model(settings)

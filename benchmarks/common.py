@@ -6,10 +6,9 @@ import argparse
 import contextlib
 import os
 import threading
-import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -76,35 +75,43 @@ def bench_stack() -> Iterator[Settings]:
         stack_mod.down(settings)
 
 
-@dataclass
-class PeakRss:
-    """Samples the peak RSS of this process and of every Ray worker process while active."""
+class BackgroundSampler:
+    """Calls ``sample()`` every ``interval_s`` on a daemon thread while the ``with`` block runs."""
 
     interval_s: float = 0.1
-    driver_mb: float = 0.0
-    worker_mb: float = 0.0
-    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            self.driver_mb = max(self.driver_mb, me.memory_info().rss / 2**20)
-            for proc in psutil.process_iter(["name", "cmdline"]):
-                with contextlib.suppress(psutil.Error, TypeError):
-                    if (proc.info["name"] or "").startswith("ray::") or "ray::" in " ".join(
-                        proc.info["cmdline"]
-                    ):
-                        self.worker_mb = max(self.worker_mb, proc.memory_info().rss / 2**20)
-            time.sleep(self.interval_s)
+    def sample(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> PeakRss:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@dataclass
+class PeakRss(BackgroundSampler):
+    """Samples the peak RSS of this process and of every Ray worker process while active."""
+
+    interval_s: float = 0.1
+    driver_mb: float = 0.0
+    worker_mb: float = 0.0
+
+    def sample(self) -> None:
+        self.driver_mb = max(self.driver_mb, psutil.Process().memory_info().rss / 2**20)
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            with contextlib.suppress(psutil.Error, TypeError):
+                if (proc.info["name"] or "").startswith("ray::") or "ray::" in " ".join(proc.info["cmdline"]):
+                    self.worker_mb = max(self.worker_mb, proc.memory_info().rss / 2**20)
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 from dash_app.app import create_app
 from dash_app.data import DataSource
+from lib.errors import UserError
+from lib.ops.exposure import check_exposure
 from lib.settings import get_settings
 
 
 def main() -> int:
     settings = get_settings()
+    try:
+        check_exposure(settings, ["dash"])  # beyond loopback, only behind the token
+    except UserError as err:
+        print(f"dashboard: {err}", file=sys.stderr)
+        return 2
     # A dashboard must fail fast: MLflow's client otherwise retries a dead server for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.dash_request_timeout_s)))

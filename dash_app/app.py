@@ -9,17 +9,19 @@ from types import ModuleType
 from typing import Any
 
 from dash import Dash, Input, Output, dcc, html
-from flask import Response, abort
+from flask import Flask, Response, abort, request
 
 from dash_app.components import IMAGE_ROUTE
 from dash_app.data import DataSource
 from dash_app.pages import catalogue, monitoring, predict, training
+from lib.ops.exposure import authorized
 from lib.settings import Settings
 
 PAGES: tuple[ModuleType, ...] = (predict, catalogue, training, monitoring)
 SERVICES = (("s3", "S3"), ("mlflow", "MLflow"), ("serve", "Serve"))
 # Images are content-addressed (the key is the SHA-256 of the bytes): a URL never changes meaning.
 IMAGE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+HEALTH_ROUTE = "/healthz"  # open, for the stack's health probe; says nothing but "ok"
 
 
 def page_for(pathname: str | None) -> ModuleType | None:
@@ -54,10 +56,26 @@ def status_dots(health: dict[str, bool]) -> list[Any]:
     ]
 
 
+def require_token(server: Flask, token: str) -> None:
+    """Every request of ``server`` must carry ``token``: the browser asks for it (HTTP basic auth, any user
+    name) and a script may send it as a bearer token. The dashboard forwards predictions to Serve with the
+    token, so without this check whoever reached the dashboard would predict without one."""
+
+    @server.before_request
+    def _check() -> Response | None:
+        given = request.headers.get("authorization")
+        if request.path == HEALTH_ROUTE or authorized(given, token, basic=True):
+            return None
+        challenge = {"WWW-Authenticate": 'Basic realm="rakuten dashboard", charset="UTF-8"'}
+        return Response("the dashboard asks for the Serve token (RAKUTEN_SERVE_AUTH_TOKEN)", 401, challenge)
+
+
 def create_app(settings: Settings, data: DataSource | None = None) -> Dash:
     """A ready-to-run Dash app reading through ``data`` (built from ``settings`` by default)."""
     data = data or DataSource(settings)
     app = Dash(__name__, title="Rakuten product classification", update_title=None)
+    if settings.serve_auth_token is not None:
+        require_token(app.server, settings.serve_auth_token.get_secret_value())
     shell = html.Div(
         [
             dcc.Location(id="url"),
@@ -90,6 +108,10 @@ def create_app(settings: Settings, data: DataSource | None = None) -> Dash:
 
     for page in PAGES:
         page.register(app, data)
+
+    @app.server.route(HEALTH_ROUTE)
+    def _health() -> Response:
+        return Response("ok", mimetype="text/plain")
 
     @app.server.route(f"{IMAGE_ROUTE}<sha256>")
     def _lake_image(sha256: str) -> Response:

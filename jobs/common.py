@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -10,7 +11,7 @@ import pandas as pd
 import ray
 
 from lib.errors import UserError
-from lib.ops.preflight import require, use_ray_token
+from lib.ops.preflight import require, use_stack_ray
 from lib.settings import Settings, get_settings
 
 
@@ -21,8 +22,15 @@ def connect_ray(settings: Settings) -> None:
         address = os.environ.get("RAY_ADDRESS") or settings.ray_address
         if "://" not in address and address != "auto":
             require(settings, "ray", ray_address=address)
-        use_ray_token(settings)
+        use_stack_ray(settings)
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def own_submission_id() -> str | None:
+    """The submission id of the Ray job whose driver this process is (None when run by hand)."""
+    # Ray's job supervisor hands the driver its job's config, metadata included, in this variable.
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return config.get("metadata", {}).get("job_submission_id")
 
 
 def run_cli(name: str, main: Callable[[], int]) -> int:

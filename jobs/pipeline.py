@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 
 from jobs import classify, embed, ingest, train
-from jobs.common import connect_ray, run_cli
+from jobs.common import connect_ray, own_submission_id, run_cli
 from lib.data import lake
 from lib.data.ingest import IngestError, IngestResult
 from lib.data.storage import exists, s3_client, split_uri
@@ -92,7 +92,7 @@ def run_stage(client, settings: Settings, record: dict, stage: str, work: Callab
     """Run one stage, recording running → succeeded (with its summary) or failed (with the error)."""
     t0 = time.monotonic()
     print(f"== {stage}", flush=True)
-    bookkeeping.mark(client, settings, record, stage, bookkeeping.RUNNING)
+    bookkeeping.mark(client, settings, record, stage, bookkeeping.RUNNING, job=own_submission_id())
     try:
         details = work()
     except Exception as err:

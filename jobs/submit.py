@@ -14,7 +14,7 @@ import time
 import yaml
 from ray.job_submission import JobSubmissionClient
 
-from lib.ops.preflight import use_ray_token
+from lib.ops.preflight import use_stack_ray
 from lib.ops.provenance import git_sha
 from lib.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -31,7 +31,7 @@ def runtime_env(settings: Settings) -> dict:
 
 def job_client(settings: Settings) -> JobSubmissionClient:
     """The job API of the stack's Ray head (with the stack's token)."""
-    use_ray_token(settings)
+    use_stack_ray(settings)
     return JobSubmissionClient(settings.ray_dashboard_url)
 
 

@@ -6,6 +6,7 @@ Every value can be overridden by an environment variable prefixed ``RAKUTEN_`` (
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,16 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface (only local processes reach it)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -43,6 +54,11 @@ class Settings(BaseSettings):
 
     # --- MLflow ---------------------------------------------------------------------------------
     mlflow_port: int = 5000
+    mlflow_host: str | None = Field(
+        None,
+        description="Interface of the MLflow server. Default: host when it is loopback, else 127.0.0.1: "
+        "MLflow has no authentication, so it is exposed only when set here.",
+    )
     mlflow_tracking_uri: str | None = Field(None, description="Defaults to http://host:mlflow_port.")
     mlflow_backend_store_uri: SecretStr | None = Field(
         None,
@@ -245,7 +261,13 @@ class Settings(BaseSettings):
 
     @property
     def mlflow_uri(self) -> str:
-        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+        return self.mlflow_tracking_uri or f"http://{self.mlflow_bind_host}:{self.mlflow_port}"
+
+    @property
+    def mlflow_bind_host(self) -> str:
+        if self.mlflow_host is not None:
+            return self.mlflow_host
+        return self.host if is_loopback(self.host) else "127.0.0.1"
 
     @property
     def mlflow_backend_uri(self) -> str:

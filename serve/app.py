@@ -30,6 +30,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from lib.ops.exposure import authorized, check_exposure
 from lib.settings import Settings, get_settings
 from serve import logic
 
@@ -297,7 +298,7 @@ class Ingress:
         self.text, self.image, self.model = text, image, model
 
     async def _body(self, request: Request) -> bytes:
-        if not logic.authorized(request.headers.get("authorization"), self.token):
+        if not authorized(request.headers.get("authorization"), self.token):
             raise logic.InputError(401, "missing or wrong bearer token")
         limit = self.settings.serve_max_body_bytes
         logic.check_declared_length(request.headers.get("content-length"), limit)
@@ -380,8 +381,7 @@ class Ingress:
 
 def build_app(settings: Settings, max_batch_size: int | None = None):
     """The application graph; ``max_batch_size`` overrides Settings (it only changes ``user_config``)."""
-    token = settings.serve_auth_token.get_secret_value() if settings.serve_auth_token else None
-    logic.check_serving_host(settings.host, token)
+    check_exposure(settings, ["serve"])  # beyond loopback, only with a token
     user_configs = batch_configs(settings, max_batch_size)
     autoscaled = {
         "max_ongoing_requests": settings.serve_max_ongoing_requests,

@@ -16,7 +16,7 @@ import urllib.request
 import ray
 from ray import serve
 
-from lib.ops.preflight import use_ray_token
+from lib.ops.preflight import use_stack_ray
 from lib.settings import Settings, get_settings
 from serve.app import build_app
 from serve.logic import WAITING
@@ -27,7 +27,7 @@ HEALTH_POLL_S = 1.0
 def _connect(settings: Settings) -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or settings.ray_address
-        use_ray_token(settings)
+        use_stack_ray(settings)
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
-import ipaddress
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -366,33 +364,7 @@ def incompatibility(card: dict, running: dict) -> str | None:
     return None
 
 
-# --- auth and health ---------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip()).is_loopback
-    except ValueError:
-        return False
-
-
-def check_serving_host(host: str, token: str | None) -> None:
-    """Refuse to serve beyond loopback without a bearer token."""
-    if not is_loopback(host) and not token:
-        raise ValueError(
-            f"Serve would listen on {host!r}, which is not a loopback address: set "
-            "RAKUTEN_SERVE_AUTH_TOKEN to require a bearer token (refusing to start without one)"
-        )
-
-
-def authorized(authorization: str | None, token: str | None) -> bool:
-    """Whether an ``Authorization`` header passes (always, when no token is configured)."""
-    if not token:
-        return True
-    scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+# --- health ---------------------------------------------------------------------------------
 
 
 def health(info: dict | None) -> tuple[int, dict]:

@@ -67,9 +67,9 @@ def ray_cluster(stack) -> Iterator:
     """This test process connected as a driver to the test stack's Ray head."""
     import ray
 
-    from lib.ops.preflight import use_ray_token
+    from lib.ops.preflight import use_stack_ray
 
-    use_ray_token(stack)  # the stack's Ray asks every client for its token
+    use_stack_ray(stack)  # the stack's Ray asks every client for its token
     ray.init(address=stack.ray_address, logging_level="WARNING", log_to_driver=False)
     try:
         yield ray

@@ -26,10 +26,12 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import yaml
 
+from lib.ops.preflight import SINGLE_NODE_VARIABLE, use_stack_ray
 from lib.ops.stack import _stop_group, port_in_use
 from lib.settings import PROJECT_ROOT
 
@@ -45,7 +47,9 @@ SSH_PORT = 22  # Ray's local provider has no ssh port option
 PORTS = {"6390": "26390", "6391": "26391", "8275": "28275", "8276": "28276"}
 DASHBOARD = f"http://127.0.0.1:{PORTS['8275']}"
 NODE_VENV = "$HOME/rakuten-mlops/.venv"  # the venv cluster.yaml's commands use on a node
-NODE_FILES = ("rakuten-mlops", "ray_bootstrap_config.yaml", "ray_bootstrap_key.pem", ".rakuten-test-venv")
+NODE_FILES = ("rakuten-mlops", "ray_bootstrap_config.yaml", "ray_bootstrap_key.pem", ".rakuten-test-venv",
+              ".ray")  # fmt: skip
+NODE_TOKEN = "~/.ray/auth_token"  # cluster.yaml's file mount of the launcher's Ray token
 
 
 def _sh(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
@@ -129,9 +133,12 @@ def _reuse_venv(user: pwd.struct_passwd) -> Path:
     return venv
 
 
-def _test_config(key: Path, venv: Path) -> dict:
-    """cluster.yaml with the test's user, key, cluster name, ports and venv; fails if it no longer matches."""
+def _test_config(key: Path, venv: Path, token: Path) -> dict:
+    """cluster.yaml with the test's user, key, cluster name, ports, venv and Ray token (the test stack's,
+    which this process's Ray client sends); fails if it no longer matches."""
     config = yaml.safe_load((PROJECT_ROOT / "cluster.yaml").read_text())
+    assert config["file_mounts"].get(NODE_TOKEN) == NODE_TOKEN, "cluster.yaml no longer ships the Ray token"
+    config["file_mounts"][NODE_TOKEN] = str(token)
     swaps = {NODE_VENV: str(venv), "make install": f"make install VENV={venv}"}
     swaps |= {f"={port}": f"={test}" for port, test in PORTS.items()} | {":6390": f":{PORTS['6390']}"}
     used = dict.fromkeys(swaps, 0)
@@ -147,6 +154,7 @@ def _test_config(key: Path, venv: Path) -> dict:
     assert all(used.values()), f"cluster.yaml changed: the test no longer finds {used}"
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert not any("ray stop" in c for c in starts), "a bare `ray stop` would stop every Ray on the node"
+    assert all("RAY_AUTH_MODE=token" in c for c in starts), "every node must ask clients for the Ray token"
     config["cluster_name"] = CLUSTER_NAME
     config["auth"] = {"ssh_user": USER, "ssh_private_key": str(key)}
     return config
@@ -255,7 +263,7 @@ def _cleanup_node(home: Path, saved: dict[str, bytes | None], user: pwd.struct_p
         Path(f"/tmp/ray/cluster-{CLUSTER_NAME}.{suffix}").unlink(missing_ok=True)
 
 
-def test_ray_up_job_and_ray_down_as_unprivileged_user():
+def test_ray_up_job_and_ray_down_as_unprivileged_user(stack):
     if os.geteuid() != 0:
         pytest.skip("needs root: creates a user, runs sshd on 127.0.0.1:22 and `ray up` as that user")
     for tool in ("rsync", "ssh", "make"):
@@ -270,8 +278,8 @@ def test_ray_up_job_and_ray_down_as_unprivileged_user():
     saved = {name: (home / name).read_bytes() if (home / name).exists() else None
              for name in (".bashrc", ".ssh/authorized_keys")}  # fmt: skip
     env = {
-        # The local stack's Ray token mode is this process's; cluster.yaml's nodes run without it.
-        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+        # This process joins the local stack's Ray as a single-node client; `ray up` is for another cluster.
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != SINGLE_NODE_VARIABLE},
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
         # The launcher's cluster state away from /tmp/ray, where the head's autoscaler (as USER) keeps its.
@@ -287,7 +295,10 @@ def test_ray_up_job_and_ray_down_as_unprivileged_user():
             "-f", str(WORK / "id_ed25519"))  # fmt: skip
         sshd = _start_sshd(user, (WORK / "id_ed25519.pub").read_text())
         venv = _reuse_venv(user)
-        config_path.write_text(yaml.safe_dump(_test_config(WORK / "id_ed25519", venv), sort_keys=False))
+        use_stack_ray(stack)  # this process's Ray client sends the test stack's token, shipped to the node
+        token = stack.ray_auth_token_path
+        config = _test_config(WORK / "id_ed25519", venv, token)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         sentinel = _sentinel()
 
         t0 = time.monotonic()
@@ -299,6 +310,10 @@ def test_ray_up_job_and_ray_down_as_unprivileged_user():
         assert (synced / "lib" / "settings.py").exists() and (synced / "Makefile").exists()
         assert not list(synced.rglob("__pycache__")), "rsync_exclude did not apply"
         assert (home / ".bashrc").read_text().startswith(f"export PATH={venv}/bin:$PATH\n")
+        node_token = home / ".ray" / "auth_token"
+        assert node_token.read_bytes() == token.read_bytes() and node_token.stat().st_mode & 0o077 == 0
+        refused = httpx.get(f"{DASHBOARD}/api/jobs/", timeout=10)  # a client without the token
+        assert refused.status_code == 401, refused.text
 
         t0 = time.monotonic()
         status, logs = _submit_tiny_job()

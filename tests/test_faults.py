@@ -134,3 +134,46 @@ def test_fault_mlflow_killed_during_training_leaves_production_and_the_retry_dec
     result = record["stages"]["train"]["result"]
     assert production(stack) == (result["version"] if result["promoted"] else before)
     assert len(lake.committed_manifests(s3, stack)) == 2
+
+
+def test_fault_ray_head_killed_during_embed_then_make_up_resumes_from_embed(s3, stack):
+    import ray
+
+    from lib.features.catalogue import current_catalogue
+    from lib.features.embed import read_embeddings
+
+    reset_lake_and_registry(stack)
+    connected = ray.is_initialized()
+    ray.shutdown()  # this process's driver would die with the head's GCS
+    products = 600
+    put_bytes(s3, stack.bucket_incoming, "headless.zip", sample_zip(43, products))
+    watcher = watch_job.Watcher(stack)
+    ((_action, _key, job_id),) = watcher.scan()
+    batch_id = job_id.removeprefix("pipeline-")
+    try:
+        wait_until(lambda: stage_status(s3, stack, batch_id, "embed") == RUNNING, 300, "embedding")
+        time.sleep(3)  # the encoders at work
+        head = psutil.Process(next(r["pid"] for r in stack_mod.status(stack) if r["name"] == "ray"))
+        machine = [head, *head.children(recursive=True)]  # GCS, raylet, workers, the job's driver
+        for proc in machine:
+            proc.kill()
+        psutil.wait_procs(machine, timeout=30)
+        record = get_json(s3, stack.bucket_lake, pipeline_record_key(batch_id))
+        assert record["stages"]["embed"] == record["stages"]["embed"] | {"status": RUNNING, "job": job_id}
+    finally:
+        stack_mod.up(stack, ["ray"], echo=lambda *_: None)  # what `make up` does for Ray
+        if connected:
+            ray.init(address=stack.ray_address, logging_level="WARNING", log_to_driver=False)
+
+    # The restarted head knows no job: the watcher resumes the batch from embed, on the new cluster.
+    watcher = watch_job.Watcher(stack)
+    actions = watcher.scan()
+    assert actions == [(RESUME, f"batch:{batch_id}", job_id)]
+    succeeded(watcher.jobs, job_id)
+    record = get_json(s3, stack.bucket_lake, pipeline_record_key(batch_id))
+    assert all(record["stages"][stage]["status"] == SUCCEEDED for stage in ("ingest", "embed", "train"))
+    assert len(lake.committed_manifests(s3, stack)) == 1  # ingest was not redone
+    catalogue = current_catalogue(s3, stack)
+    stored = read_embeddings(s3, stack, catalogue.set_id, ["embed_hash"])["embed_hash"]
+    assert len(stored) == products and stored.is_unique  # the killed run's rows are not visible
+    assert catalogue.missing(s3, stack).empty and production(stack) == "1"

@@ -76,17 +76,22 @@ def mark(client, settings: Settings, record: dict, stage: str, status: str, **de
 
 def needs_resume(record: dict, jobs: dict[str, str]) -> bool:
     """A batch ingested (its ZIP archived, so out of the watcher's sight) whose later stages did not all
-    succeed: one failed, or one still says running although the batch's last pipeline job has ended (its
-    driver was killed). A stage running with no job of the cluster's behind it is a run by hand: left
-    to its owner."""
+    succeed: one failed, or one still says running although the job that ran it has ended (its driver was
+    killed) or is unknown to the cluster (the Ray head was restarted: jobs die with it). A stage running
+    with no job behind it is a run by hand: left to its owner unless a later pipeline job has ended."""
     stages = record["stages"]
     if stages.get("ingest", {}).get("status") != SUCCEEDED or not pending_stages(record):
         return False
-    statuses = {stages.get(stage, {}).get("status") for stage in stages_of(record)}
-    if FAILED in statuses:
+    later = [stages.get(stage, {}) for stage in stages_of(record)]
+    if any(stage.get("status") == FAILED for stage in later):
         return True
-    last = last_attempt(record["batch_id"], jobs)
-    return RUNNING in statuses and last is not None and jobs[last] not in ACTIVE_JOB_STATES
+    running = [stage for stage in later if stage.get("status") == RUNNING]
+    if not running:
+        return False
+    job = running[0].get("job") or last_attempt(record["batch_id"], jobs)
+    if job is None:
+        return False
+    return jobs.get(job) not in ACTIVE_JOB_STATES
 
 
 def to_resume(

@@ -8,7 +8,7 @@ import socket
 from urllib.parse import urlsplit
 
 from lib.errors import UserError
-from lib.settings import Settings
+from lib.settings import Settings, is_loopback
 
 TIMEOUT_S = 3.0
 
@@ -17,28 +17,45 @@ class ServiceUnavailable(UserError):
     """A service the stage needs does not answer."""
 
 
-def ray_auth_env(settings: Settings) -> dict[str, str]:
-    """The environment that puts a Ray process (head, worker, driver, job client) in the stack's auth mode."""
-    if not settings.ray_token_auth:
-        return {"RAY_AUTH_MODE": "disabled"}
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_path)}
+# Ray's single-node mode (named for Windows and macOS, where it is the default). On Linux, Ray swaps a
+# loopback node address for the machine's network address, so its client server and three metrics servers
+# listen there or on every interface; in this mode the node address stays 127.0.0.1 and they bind to it.
+SINGLE_NODE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def use_ray_token(settings: Settings) -> None:
-    """Make this process a client of the stack's Ray with its token (before ``ray.init`` or a job client).
+def ray_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a Ray process (head, worker, driver, job client) one of the stack's: its
+    auth mode and token, and on a loopback host the single-node mode (the head then listens on loopback
+    only, and a client must resolve 127.0.0.1 as it does)."""
+    env = {"RAY_AUTH_MODE": "disabled"}
+    if settings.ray_token_auth:
+        env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_path)}
+    if is_loopback(settings.host):
+        env[SINGLE_NODE_VARIABLE] = "0"
+    return env
 
-    A process that already has an auth mode (a Ray job inherits its cluster's) is left as it is, and so is
-    one whose stack has no token file yet (a stack started before token auth: it accepts any client).
+
+def use_stack_ray(settings: Settings) -> None:
+    """Make this process a client of the stack's Ray (before ``ray.init`` or a job client): ``ray_env``.
+
+    A Ray job's driver (``RAY_ADDRESS`` set) keeps what it inherited from its cluster, and a process that
+    already has an auth mode keeps it; without a token file (a stack started before token auth, which
+    accepts any client) no token is set.
     """
-    if "RAY_AUTH_MODE" in os.environ or not settings.ray_token_auth:
+    if "RAY_ADDRESS" in os.environ:
         return
-    if not settings.ray_auth_token_path.exists():
+    env = ray_env(settings)
+    if not settings.ray_auth_token_path.exists() or "RAY_AUTH_MODE" in os.environ:
+        env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    if not env:
         return
-    os.environ.update(ray_auth_env(settings))
-    # lazy: Ray reads the auth mode into its per-process config when first imported; its own token set-up
-    # (ray._private.authentication) refreshes that config the same way after setting the variable.
+    os.environ.update(env)
+    # lazy: Ray reads both into per-process constants when first imported, so refresh them the way Ray's
+    # own token set-up does (ray._private.authentication) and set the single-node flag it would have read.
+    from ray._private import ray_constants
     from ray._raylet import Config
 
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ.get(SINGLE_NODE_VARIABLE, "1") != "0"
     Config.initialize("")
 
 

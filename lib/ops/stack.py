@@ -4,7 +4,7 @@ Each service runs in its own process group, its PID (and start time, to survive 
 under ``state_dir/pids`` and its output under ``state_dir/logs``. ``up`` is idempotent (a healthy
 service is left alone), ``down`` stops exactly the process groups it started and keeps the data.
 
-CLI: ``python -m lib.ops.stack up|down|status|logs [SERVICE ...]``.
+CLI: ``python -m lib.ops.stack up|down|status|logs|sockets [SERVICE ...]``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from pathlib import Path
 import psutil
 from pydantic import SecretStr
 
-from lib.ops.preflight import ray_auth_env
-from lib.settings import PROJECT_ROOT, Settings, get_settings
+from lib.errors import UserError
+from lib.ops.exposure import check_exposure
+from lib.ops.preflight import ray_env
+from lib.settings import PROJECT_ROOT, Settings, get_settings, is_loopback
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -42,11 +44,13 @@ class Service:
     command: list[str]
     health_url: str
     url: str
+    host: str  # the interface it listens on
     port: int
     env: dict[str, str] = field(default_factory=dict)
     secrets: tuple[str, ...] = ()  # the credentials it is given (``secret_env``): only those it needs
     start_timeout_s: float = 90.0
     stop_timeout_s: float = 20.0
+    before_start: Callable[[Settings], None] | None = None
     after_start: Callable[[Settings], None] | None = None
 
 
@@ -63,7 +67,7 @@ def _base_env(settings: Settings) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{PROJECT_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env |= ray_auth_env(settings)  # Ray's head (and so its workers and jobs) asks every client for the token
+    env |= ray_env(settings)  # the head (so its workers and jobs) asks for the token, on loopback only
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
     env |= mlflow_client_env(settings)
     for name, value in settings:
@@ -111,9 +115,12 @@ def _create_buckets(settings: Settings) -> None:
     ensure_buckets(s3_client(settings), settings.buckets)
 
 
-def _s3_service(settings: Settings) -> Service:
-    data = settings.state_dir / "s3"
-    port = settings.s3_port
+def _s3_config_path(settings: Settings) -> Path:
+    return settings.state_dir / "s3.json"
+
+
+def _write_s3_config(settings: Settings) -> None:
+    """SeaweedFS's identities file (0600): its keys reach it this way, not by argv or environment."""
     identities = {
         "identities": [
             {
@@ -128,11 +135,16 @@ def _s3_service(settings: Settings) -> Service:
             }
         ]
     }
-    config_path = settings.state_dir / "s3.json"
+    config_path = _s3_config_path(settings)
     if not config_path.exists() or json.loads(config_path.read_text()) != identities:
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(identities))
         config_path.chmod(0o600)
+
+
+def _s3_service(settings: Settings) -> Service:
+    data = settings.state_dir / "s3"
+    port = settings.s3_port
     command = [
         str(VENV_BIN / "weed"), "mini", f"-dir={data}",
         f"-ip={settings.host}", f"-ip.bind={settings.host}",
@@ -142,29 +154,34 @@ def _s3_service(settings: Settings) -> Service:
         f"-s3.port={port}", f"-master.port={port + 1}", f"-volume.port={port + 2}",
         f"-filer.port={port + 3}", f"-admin.port={port + 4}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.config={config_path}",
+        f"-s3.config={_s3_config_path(settings)}",
     ]  # fmt: skip
     env = {"GOMEMLIMIT": settings.s3_go_memory_limit}
     return Service(
-        "s3", command, f"http://{settings.host}:{port}/healthz", settings.s3_url, port, env,
-        start_timeout_s=60, after_start=_create_buckets,
+        "s3", command, f"http://{settings.host}:{port}/healthz", settings.s3_url, settings.host, port, env,
+        start_timeout_s=60, before_start=_write_s3_config, after_start=_create_buckets,
     )  # fmt: skip
 
 
+def _make_mlflow_dir(settings: Settings) -> None:
+    (settings.state_dir / "mlflow").mkdir(parents=True, exist_ok=True)  # the default sqlite backend's home
+
+
 def _mlflow_service(settings: Settings) -> Service:
-    (settings.state_dir / "mlflow").mkdir(parents=True, exist_ok=True)
     # The backend URI (it may hold a password) reaches the server by MLFLOW_BACKEND_STORE_URI, not argv.
     command = [
         sys.executable, "-m", "mlflow", "server",
         "--artifacts-destination", f"s3://{settings.bucket_mlflow}/artifacts",
-        "--host", settings.host, "--port", str(settings.mlflow_port),
+        "--host", settings.mlflow_bind_host, "--port", str(settings.mlflow_port),
         "--workers", "1",
     ]  # fmt: skip
     # Job execution spawns a pool of extra workers: 37 s and 2.9 GB at start-up instead of 12 s / 0.5 GB.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return Service(
-        "mlflow", command, f"{settings.mlflow_uri}/health", settings.mlflow_uri, settings.mlflow_port, env,
+        "mlflow", command, f"{settings.mlflow_uri}/health", settings.mlflow_uri, settings.mlflow_bind_host,
+        settings.mlflow_port, env,
         secrets=("s3", "mlflow_backend"),
+        before_start=_make_mlflow_dir,
     )  # fmt: skip
 
 
@@ -200,7 +217,8 @@ def _ray_service(settings: Settings) -> Service:
     return Service(
         # /api/gcs_healthz answers without the token (/api/version asks for it).
         "ray", command, f"{settings.ray_dashboard_url}/api/gcs_healthz", settings.ray_dashboard_url,
-        settings.ray_dashboard_port, serve_runtime_env(settings), secrets=("s3", "serve_token"),
+        settings.host, settings.ray_dashboard_port, serve_runtime_env(settings),
+        secrets=("s3", "serve_token"),
         # Ray keeps no state worth a graceful stop; some of its processes linger ~20 s after SIGTERM.
         stop_timeout_s=5,
     )  # fmt: skip
@@ -209,7 +227,7 @@ def _ray_service(settings: Settings) -> Service:
 def _dash_service(settings: Settings) -> Service:
     command = [sys.executable, "-m", "dash_app"]
     return Service(
-        "dash", command, f"{settings.dash_url}/", settings.dash_url, settings.dash_port,
+        "dash", command, f"{settings.dash_url}/healthz", settings.dash_url, settings.host, settings.dash_port,
         secrets=("s3", "serve_token"), stop_timeout_s=5,
     )  # fmt: skip
 
@@ -262,6 +280,8 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def _start(settings: Settings, service: Service) -> psutil.Process:
+    if service.before_start:
+        service.before_start(settings)
     log = log_file(settings, service.name)
     log.parent.mkdir(parents=True, exist_ok=True)
     _pid_file(settings, service.name).parent.mkdir(parents=True, exist_ok=True)
@@ -313,16 +333,19 @@ def reset_lake_and_registry(settings: Settings) -> None:
 def up(settings: Settings | None = None, names: list[str] | None = None, echo: Callable = print) -> None:
     """Start the services that are not running (all of them by default) and wait until healthy."""
     settings = settings or get_settings()
-    ensure_ray_token(settings)
     selected = [s for s in services(settings) if names is None or s.name in names]
+    check_exposure(settings, [service.name for service in selected])
+    if not is_loopback(settings.host) and is_loopback(settings.mlflow_bind_host):
+        echo(f"mlflow  has no authentication: listens on {settings.mlflow_bind_host} (RAKUTEN_MLFLOW_HOST)")
+    ensure_ray_token(settings)
     started: list[tuple[Service, psutil.Process]] = []
     for service in selected:
         if _running_process(settings, service.name) is not None:
             echo(f"{service.name:7s} already running  {service.url}")
             continue
-        if port_in_use(settings.host, service.port):
+        if port_in_use(service.host, service.port):
             raise RuntimeError(
-                f"{service.name}: port {service.port} on {settings.host} is taken by a process this stack "
+                f"{service.name}: port {service.port} on {service.host} is taken by a process this stack "
                 f"did not start; stop it or set RAKUTEN_{service.name.upper()}_PORT to another port"
             )
         started.append((service, _start(settings, service)))
@@ -387,16 +410,37 @@ def status(settings: Settings | None = None) -> list[dict]:
     return rows
 
 
+def listening_sockets(settings: Settings) -> list[dict]:
+    """Every listening TCP socket of the processes the stack started and of their descendants (Ray's
+    daemons and workers, Serve's proxy and replicas): service, pid, process, address (an IPv4-mapped
+    IPv6 address as its IPv4 form) and port."""
+    rows = []
+    for service in services(settings):
+        proc = _running_process(settings, service.name)
+        for member in [proc, *proc.children(recursive=True)] if proc else []:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                for conn in member.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        address = conn.laddr.ip.removeprefix("::ffff:")
+                        rows.append({"service": service.name, "pid": member.pid, "process": member.name(),
+                                     "address": address, "port": conn.laddr.port})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.ops.stack", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "status", "logs"])
+    parser.add_argument("action", choices=["up", "down", "status", "logs", "sockets"])
     parser.add_argument("services", nargs="*", help="default: all")
     parser.add_argument("--lines", type=int, default=30, help="log lines per service (logs)")
     args = parser.parse_args(argv)
     settings = get_settings()
     names = args.services or None
     if args.action == "up":
-        up(settings, names)
+        try:
+            up(settings, names)
+        except UserError as err:
+            print(f"stack: {err}", file=sys.stderr)
+            return 2
     elif args.action == "down":
         down(settings, names)
     elif args.action == "status":
@@ -404,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             state = "healthy" if row["healthy"] else ("running" if row["pid"] else "stopped")
             rss = f"{row['rss_mb']:7.0f} MB" if row["rss_mb"] else "         -"
             print(f"{row['name']:7s} {state:8s} pid={row['pid'] or '-':<8} rss={rss}  {row['url']}")
+    elif args.action == "sockets":
+        for row in listening_sockets(settings):
+            where = f"{row['address']}:{row['port']}"
+            print(f"{row['service']:7s} {where:22s} pid={row['pid']:<8} {row['process']}")
     else:
         for service in services(settings):
             if names and service.name not in names:

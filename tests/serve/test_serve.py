@@ -329,6 +329,52 @@ def test_bearer_token_is_enforced_when_configured(v1, app):
     assert health(app)[0] == 200  # health stays open for probes
 
 
+def refuses_a_call_without_the_token(port: int) -> bool:
+    """Whether a Serve replica's gRPC server answers a request without Ray's token, or with a wrong one,
+    by UNAUTHENTICATED (reached by this machine's network address: the port listens on every interface)."""
+    import grpc
+    from ray._private.services import node_ip_address_from_perspective
+
+    address = node_ip_address_from_perspective()
+    with grpc.insecure_channel(f"{address}:{port}") as channel:
+        call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+        codes = []
+        for metadata in ((), (("authorization", "Bearer not-the-token"),)):
+            try:
+                call(b"", metadata=metadata, timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+    return codes == [grpc.StatusCode.UNAUTHENTICATED] * 2
+
+
+def test_every_listening_socket_is_on_the_stack_host_and_the_dashboard_asks_for_the_token(v1, app):
+    """Every process the stack started (and Ray's daemons, workers, Serve proxy and replicas under it)
+    listens on the configured host only, or is a Serve replica's gRPC server that refuses a client without
+    Ray's token; the dashboard, which forwards predictions to Serve with the
+    token, asks for that token too (HTTP basic auth for a browser, or a bearer token)."""
+    stack_mod.up(app, ["dash"], echo=lambda *_: None)  # the dashboard as `make up` runs it, with the token
+    try:
+        sockets = stack_mod.listening_sockets(app)
+        assert {row["service"] for row in sockets} == {"s3", "mlflow", "ray", "dash"}, sockets
+        ray_processes = {row["process"] for row in sockets if row["service"] == "ray"}
+        assert {"gcs_server", "raylet"} <= ray_processes, ray_processes
+        assert any(row["port"] == app.serve_port for row in sockets), "Serve's proxy is not under the stack"
+        # Ray 2.60 binds each Serve replica's gRPC server to [::] (hard-coded); Ray's token guards it.
+        elsewhere = [row for row in sockets if row["address"] != app.host]
+        assert all(row["process"].startswith("ray::ServeReplica") for row in elsewhere), elsewhere
+        assert all(refuses_a_call_without_the_token(row["port"]) for row in elsewhere), elsewhere
+        url = f"{app.dash_url}/"
+        refused = httpx.get(url, timeout=10)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+        assert httpx.post(f"{app.dash_url}/_dash-update-component", json={}, timeout=10).status_code == 401
+        assert httpx.get(url, auth=("anyone", "wrong"), timeout=10).status_code == 401
+        assert httpx.get(url, auth=("anyone", TOKEN), timeout=10).status_code == 200
+        assert httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).status_code == 200
+    finally:
+        stack_mod.down(app, ["dash"], echo=lambda *_: None)
+
+
 def test_promotion_during_traffic_swaps_without_a_failed_request(v1, app, source_model):
     mlflow_client = MlflowClient(app.mlflow_uri)
     with Stream(app) as stream:

@@ -84,6 +84,15 @@ def test_a_stage_left_running_is_resumed_only_once_its_job_has_ended():
     assert not needs_resume(record(ingest=SUCCEEDED, embed=SUCCEEDED, train=SUCCEEDED), {})
 
 
+def test_a_stage_whose_job_died_with_the_ray_head_is_resumed():
+    killed = record(ingest=SUCCEEDED, embed=RUNNING)
+    killed["stages"]["embed"]["job"] = "pipeline-b1"
+    assert not needs_resume(killed, {"pipeline-b1": "RUNNING"})
+    assert needs_resume(killed, {})  # a restarted head knows no job: the one that ran the stage is gone
+    # ...and the watcher resubmits it on the new cluster, whose job history starts empty.
+    assert plan([], {}, 1, [("batch:b1", "b1")]) == [(RESUME, "batch:b1", "pipeline-b1")]
+
+
 def test_a_batch_waiting_for_a_model_is_resumed_only_once_one_exists():
     waiting = record(ingest=SUCCEEDED, embed=SUCCEEDED, classify=FAILED)
     waiting["stages"]["ingest"]["result"] = {"labelled": False}

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from lib.data.storage import arrow_fs, get_bytes, put_bytes, read_object, s3_client
 from lib.ops import stack as stack_mod
+from lib.ops.preflight import SINGLE_NODE_VARIABLE
 from lib.settings import PROJECT_ROOT
 
 
@@ -25,8 +26,6 @@ def test_every_service_is_healthy(stack):
     assert set(rows) == {"s3", "mlflow", "ray", "dash"}
     core = [rows[name] for name in stack_mod.CORE_SERVICES]
     assert all(row["healthy"] and row["pid"] for row in core), rows
-    # Loopback only.
-    assert all("127.0.0.1" in row["url"] for row in rows.values())
 
 
 def test_up_twice_starts_no_duplicates(stack):
@@ -152,6 +151,7 @@ def test_the_stacks_ray_refuses_a_client_without_its_token(stack):
     token = stack.ray_auth_token_path
     assert token.exists() and token.stat().st_mode & 0o777 == 0o600
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env[SINGLE_NODE_VARIABLE] = "0"  # the stack's Ray listens on loopback: a client resolves 127.0.0.1 so
     probe = subprocess.run([sys.executable, "-c", REFUSED_PROBE, stack.ray_address, stack.ray_dashboard_url],
                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert "job API refused" in probe.stdout and "cluster refused" in probe.stdout, (
@@ -182,6 +182,20 @@ def test_credentials_reach_only_the_service_that_needs_them_and_never_argv_or_pi
     assert environments["mlflow"]["MLFLOW_BACKEND_STORE_URI"] == stack.mlflow_backend_uri
     assert "MLFLOW_BACKEND_STORE_URI" not in environments["ray"]
     assert environments["ray"]["AWS_SECRET_ACCESS_KEY"] == secret  # jobs and Serve replicas read S3
+
+
+def test_beyond_loopback_nothing_starts_without_credentials(tmp_path):
+    """Off loopback, S3 with its published default keys, a tokenless Serve or dashboard and a Ray without
+    its token would each let anyone in: `make up` and `python -m dash_app` refuse, in one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAKUTEN_S3_", "RAKUTEN_SERVE_AUTH"))}
+    env |= {"RAKUTEN_HOST": "0.0.0.0", "RAKUTEN_STATE_DIR": str(tmp_path), "RAKUTEN_RAY_TOKEN_AUTH": "false"}
+    for command, names in ((["lib.ops.stack", "up"], ("S3_ACCESS_KEY", "SERVE_AUTH_TOKEN", "RAY_TOKEN_AUTH")),
+                           (["dash_app"], ("SERVE_AUTH_TOKEN",))):  # fmt: skip
+        refused = subprocess.run([sys.executable, "-m", *command], env=env, cwd=PROJECT_ROOT,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+        assert all(f"RAKUTEN_{name}" in refused.stderr for name in names), refused.stderr
+    assert not list(tmp_path.iterdir()), "nothing may be started or written before the check"
 
 
 def test_bad_object_uri_is_a_clear_error():
