@@ -315,11 +315,11 @@ def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
                      "classify": result.get("classified")}.get(stage)  # fmt: skip
             phase = [f"{run['label']} {stage}"]
             kind, gb = sampler.largest_process(phase)
-            rows.append([run["label"], stage, round(seconds, 1), count if count is not None else "-",
-                         round(count / seconds, 1) if count and seconds else "-",
-                         f"{gb:.2f} ({kind})", round(sampler.machine(phase), 2)])  # fmt: skip
+            rate = f"{count / seconds:.1f}" if count and seconds else "-"
+            rows.append([run["label"], stage, f"{seconds:.1f}", "-" if count is None else count, rate,
+                         f"{gb:.2f} ({kind})", f"{sampler.machine(phase):.2f}"])  # fmt: skip
         spill = "n/a" if run["spilled"] is None else f"{run['spilled'] / 2**20:.0f} MiB"
-        rows.append([run["label"], "upload → done", round(run["wall_s"], 1), "", "", f"spilled {spill}", ""])
+        rows.append([run["label"], "upload → done", f"{run['wall_s']:.1f}", "", "", f"spilled {spill}", ""])
     return rows
 
 
@@ -398,21 +398,27 @@ def main(argv: list[str] | None = None) -> None:
         zips.mkdir(parents=True, exist_ok=True)
         serve_deploy.deploy(settings)
         watcher = watch_job.ensure_running(settings)
+        sizes = []
         try:
-            sizes = [run_size(settings, fraction, args, zips, sampler) for fraction in sorted(args.fractions)]
+            for fraction in sorted(args.fractions):
+                sizes.append(run_size(settings, fraction, args, zips, sampler))
+                print_size(sizes[-1], sampler)  # as soon as it is known: a full-size run takes an hour
         finally:
             submitter.job_client(settings).stop_job(watcher)
-    for size in sizes:
-        g = size["generated"]
-        made = "reused" if g["reused"] else f"{g['seconds']:.0f} s, generator peak RSS {g['rss_gb']:.2f} GB"
-        lake_gb = sum(size["lake"].values()) / GB
-        print(
-            f"\n{size['products']} products: ZIP {g['mb']:.0f} MB ({made}); lake after the first batch "
-            f"{lake_gb:.2f} GB {size['lake']}"
-        )
-        print_table(f"Stages at {size['products']} products", ["drop", "stage", "s", "products", "products/s",
-                    "largest process GB", "machine GB"], stage_rows(size, sampler))  # fmt: skip
     print_table("Targets (largest size)", ["measure", "value", "target", ""], target_rows(sizes, sampler))
+
+
+def print_size(size: dict, sampler: MemorySampler) -> None:
+    g = size["generated"]
+    made = "reused" if g["reused"] else f"{g['seconds']:.0f} s, generator peak RSS {g['rss_gb']:.2f} GB"
+    lake_gb = sum(size["lake"].values()) / GB
+    print(
+        f"\n{size['products']} products: ZIP {g['mb']:.0f} MB ({made}); lake after the first batch "
+        f"{lake_gb:.2f} GB {size['lake']}; embed limit {size['limit']:.1f} products/s",
+        flush=True,
+    )
+    print_table(f"Stages at {size['products']} products", ["drop", "stage", "s", "products", "products/s",
+                "largest process GB", "machine GB"], stage_rows(size, sampler))  # fmt: skip
 
 
 if __name__ == "__main__":

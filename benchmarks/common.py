@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -123,3 +124,4 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()  # a long benchmark's earlier tables survive its crash
