@@ -23,6 +23,7 @@ import pytest
 from lib.data.sample import SampleSpec, write_sample_zip
 from lib.data.storage import put_bytes
 from lib.features.embed import encoder_pool_size, read_embeddings
+from lib.ops.preflight import SINGLE_NODE_VARIABLE, use_stack_ray
 from lib.ops.stack import _base_env, _stop_group, is_healthy, port_in_use
 from lib.settings import PROJECT_ROOT
 
@@ -101,12 +102,14 @@ def _wait(predicate, timeout_s: float, what: str, procs: list[psutil.Process], l
 
 
 def test_embedding_actors_run_on_both_nodes(stack, s3, lake_reset, tmp_path):
+    use_stack_ray(stack)  # this process asks the cluster (same token as the stack's) for its nodes
     _stop_recorded_nodes()
     for port in (GCS, DASHBOARD):
         assert not port_in_use("127.0.0.1", port), f"port {port} is taken: another multinode cluster runs"
     shutil.rmtree(TEMP_DIR, ignore_errors=True)
     env = _base_env(stack) | {"RAKUTEN_RAY_GCS_PORT": str(GCS), "RAKUTEN_RAY_DASHBOARD_PORT": str(DASHBOARD)}
     env.pop("RAY_ADDRESS", None)  # this process's env may carry the test stack's
+    env[SINGLE_NODE_VARIABLE] = "1"  # two nodes: not the loopback stack's single-node mode
     driver_env = env | {"RAY_ADDRESS": f"127.0.0.1:{GCS}"}
     common = [f"--node-ip-address={stack.host}", "--num-cpus=2", "--object-store-memory=300000000",
               f"--temp-dir={TEMP_DIR}", "--disable-usage-stats", "--block"]  # fmt: skip
