@@ -164,6 +164,11 @@ class Settings(BaseSettings):
         4, description="ASHA keeps the best 1/this of the trials at each rung (rungs at grace × this^k)."
     )
     tune_seed: int = 0
+    tune_max_rows: int = Field(
+        10_000,
+        description="Experts trials search on a stratified sample of at most this many train + val products "
+        "(the final fit uses them all): a trial's cost stops growing with the catalogue.",
+    )
     lexical_enabled: bool = Field(
         True, description="Fit a TF-IDF block on the training split; the search decides whether to use it."
     )
@@ -185,6 +190,9 @@ class Settings(BaseSettings):
     )
     expert_folds: int = Field(
         5, description="Cross-validation folds that choose the experts' fusion weights."
+    )
+    fit_threads: int = Field(
+        2, description="Folds the final experts fit trains at once (liblinear and BLAS free the GIL)."
     )
     early_stop_patience: int = 5
     keep_model_versions: int = 5

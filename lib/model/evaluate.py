@@ -87,12 +87,14 @@ def scored(logits: np.ndarray, y: np.ndarray, calibration: Calibration) -> tuple
     return report, logits.argmax(1)
 
 
-def fit_and_test_experts(data: Dataset, config: ExpertConfig, folds: int, seed: int) -> FittedHead:
+def fit_and_test_experts(
+    data: Dataset, config: ExpertConfig, folds: int, seed: int, workers: int = 1
+) -> FittedHead:
     """The experts fitted on train + val (fusion weights and calibration from out-of-fold scores), scored
     on test."""
     rows = data.split != TEST
     ensemble, calibration = fit_ensemble(
-        data.inputs(rows), data.y[rows], len(data.codes), config, folds, seed
+        data.inputs(rows), data.y[rows], len(data.codes), config, folds, seed, workers
     )
     report, predicted = scored(
         ensemble.logits(data.inputs(data.split == TEST)), data.part(TEST)[2], calibration

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
+from threadpoolctl import threadpool_limits
 
 from lib.model.metrics import summary
 from lib.model.network import Calibration, fit_calibration, log_softmax
@@ -153,25 +155,39 @@ def choose_weights(parts: dict[str, np.ndarray], y: np.ndarray) -> FusionWeights
 
 
 def out_of_fold(
-    x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig, folds: int, seed: int, on_fold=None
+    x: Inputs,
+    y: np.ndarray,
+    n_classes: int,
+    config: ExpertConfig,
+    folds: int,
+    seed: int,
+    on_fold=None,
+    workers: int = 1,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, LinearExpert]]]:
     """Every row's expert log-probabilities from experts that did not see it (k-fold), and the k fold
     models.
 
-    ``on_fold(k, parts_so_far, done_mask)`` is called after each fold (Tune reports from it).
+    ``on_fold(k, parts_so_far, done_mask)`` is called after each fold, in order (Tune reports from it).
+    ``workers`` folds are fitted at once on threads, each with one BLAS thread.
     """
     parts = {name: np.zeros((len(y), n_classes), np.float32) for name in EXPERTS}
     done = np.zeros(len(y), bool)
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+    def fit_fold(rows: np.ndarray) -> dict[str, LinearExpert]:
+        return fit_experts(x.rows(rows), y[rows], n_classes, config)
+
     models = []
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    for k, (fit_rows, held_out) in enumerate(splitter.split(np.zeros(len(y)), y), start=1):
-        models.append(fit_experts(x.rows(fit_rows), y[fit_rows], n_classes, config))
-        scored = expert_log_probs(models[-1], x.rows(held_out))
-        for name in EXPERTS:
-            parts[name][held_out] = scored[name]
-        done[held_out] = True
-        if on_fold is not None:
-            on_fold(k, parts, done)
+    with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None):
+        fitted = pool.map(fit_fold, [fit_rows for fit_rows, _ in splits])
+        for k, ((_, held_out), model) in enumerate(zip(splits, fitted, strict=True), start=1):
+            models.append(model)
+            scored = expert_log_probs(model, x.rows(held_out))
+            for name in EXPERTS:
+                parts[name][held_out] = scored[name]
+            done[held_out] = True
+            if on_fold is not None:
+                on_fold(k, parts, done)
     return parts, models
 
 
@@ -203,11 +219,11 @@ class ExpertEnsemble:
 
 
 def fit_ensemble(
-    x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig, folds: int, seed: int
+    x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig, folds: int, seed: int, workers: int = 1
 ) -> tuple[ExpertEnsemble, Calibration]:
     """The k fold models' experts averaged, fused by weights chosen on their out-of-fold scores, and the
     calibration fitted on the same scores."""
-    parts, models = out_of_fold(x, y, n_classes, config, folds, seed)
+    parts, models = out_of_fold(x, y, n_classes, config, folds, seed, workers=workers)
     weights = choose_weights(parts, y)
     fitted = {name: [m[name] for m in models if name in m] for name in EXPERTS}
     experts = {name: average_experts(folds) for name, folds in fitted.items() if folds}

@@ -133,7 +133,7 @@ def fit_best(settings: Settings, data: Dataset, best: TuneResult, max_epochs: in
     """The best configuration fitted without the test split, scored on it, with its ablation."""
     if settings.head_kind == EXPERTS_KIND:
         config, folds = ExpertConfig(**best.config), settings.expert_folds
-        head = fit_and_test_experts(data, config, folds, settings.tune_seed)
+        head = fit_and_test_experts(data, config, folds, settings.tune_seed, settings.fit_threads)
         return head, expert_ablation(data, head)
     base = TrainConfig(max_epochs=max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed)
     # Retrain the best configuration (seeded: the same run as the trial); calibrated on val.
@@ -146,7 +146,8 @@ def _log_inputs(
 ) -> None:
     mlflow.set_tags({"git_sha": sha, "data_fingerprint": data.fingerprint, "stage": "train"})
     params = {"trials": trials, "max_epochs": max_epochs, "split_seed": settings.split_seed,
-              "tune_seed": settings.tune_seed, "encoder_set_id": lineage["encoder_set_id"]}  # fmt: skip
+              "tune_seed": settings.tune_seed, "tune_max_rows": settings.tune_max_rows,
+              "encoder_set_id": lineage["encoder_set_id"]}  # fmt: skip
     mlflow.log_params(params)
     mlflow.log_dict(lineage, "lineage.json")
     mlflow.log_metrics({"products": lineage["products"], "imbalance_ratio": lineage["imbalance_ratio"],

@@ -25,7 +25,7 @@ from lib.model.artifact import EXPERTS_KIND, MLP_KIND
 from lib.model.dataset import Dataset
 from lib.model.experts import ExpertConfig, FusionWeights, choose_weights, out_of_fold
 from lib.model.metrics import summary
-from lib.model.split import TEST
+from lib.model.split import TEST, stratified_subsample
 from lib.model.train import TrainConfig, configs_from_trial, train_model
 from lib.settings import Settings
 
@@ -108,10 +108,12 @@ def _report(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None
 def expert_trial_fn(
     config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings
 ) -> None:
-    """One experts trial: k-fold over train + val, reporting the out-of-fold F1-macro after each fold."""
+    """One experts trial: k-fold over (a stratified sample of at most ``tune_max_rows`` of) train + val,
+    reporting the out-of-fold F1-macro after each fold."""
     client = MlflowClient(settings.mlflow_uri)
     run_id = _trial_run(client, experiment_id, parent_run_id, config)
-    rows = data.split != TEST
+    rows = np.flatnonzero(data.split != TEST)
+    rows = rows[stratified_subsample(data.y[rows], settings.tune_max_rows, settings.tune_seed)]
     x, y = data.inputs(rows), data.y[rows]
 
     def report(fold: int, parts: dict, done: np.ndarray) -> None:

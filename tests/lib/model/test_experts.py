@@ -35,6 +35,16 @@ def test_test_labels_change_nothing_in_the_fitted_experts_or_their_weights():
     assert np.array_equal(other.predicted, head.predicted)  # only the scores against the truth move
 
 
+def test_folds_fitted_on_threads_give_the_same_ensemble_as_one_by_one():
+    data = lexical_toy()
+    serial = fit_and_test_experts(data, ExpertConfig(), folds=3, seed=0, workers=1)
+    threaded = fit_and_test_experts(data, ExpertConfig(), folds=3, seed=0, workers=2)
+    assert threaded.ensemble.weights == serial.ensemble.weights
+    for name, expert in serial.ensemble.experts.items():
+        assert np.allclose(expert.coef, threaded.ensemble.experts[name].coef, atol=1e-5)
+    assert np.array_equal(threaded.predicted, serial.predicted)
+
+
 def test_the_ensemble_learns_and_its_ablation_has_every_row():
     data = lexical_toy()
     head = fit_and_test_experts(data, ExpertConfig(), folds=3, seed=0)
