@@ -30,7 +30,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from benchmarks.bench_train import load_catalogue
-from benchmarks.common import bench_parser, bench_stack, print_table, real_data_dir, zip_real_sample
+from benchmarks.common import bench_parser, bench_stack, mark, print_table, real_data_dir, zip_real_sample
 from lib.data.storage import s3_client
 from lib.model import metrics
 from lib.model.dataset import Dataset, load_dataset
@@ -135,10 +135,6 @@ def head_latency(result: SeedResult) -> tuple[float, float]:
 
 def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.pstdev(values):.4f}"
-
-
-def mark(ok: bool) -> str:
-    return "✓" if ok else "✗"
 
 
 def report(results: dict[int, SeedResult], latency: tuple[float, float]) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
-from benchmarks.common import BackgroundSampler, bench_parser, bench_stack, print_table
+from benchmarks.common import BackgroundSampler, bench_parser, bench_stack, mark, print_table
 from jobs import submit as submitter
 from jobs import watch as watch_job
 from jobs.demo import file_batch_id, wait_for_serve
@@ -57,10 +57,6 @@ GB = 2**30
 TARGETS = {"pipeline_s": 45 * 60, "ingest_per_s": 400, "embed_over_limit": 0.85, "incremental_s": 8 * 60,
            "unlabelled_s": 4 * 60, "classify_per_s": 5000, "process_gb": 4, "machine_gb": 12,
            "time_growth": 4.4, "rss_growth": 1.5}  # fmt: skip
-
-
-def mark(ok: bool) -> str:
-    return "✓" if ok else "✗"
 
 
 # --- memory of every process, by kind ------------------------------------------------------------------

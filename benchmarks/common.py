@@ -115,6 +115,11 @@ class PeakRss(BackgroundSampler):
                     self.worker_mb = max(self.worker_mb, proc.memory_info().rss / 2**20)
 
 
+def mark(ok: bool) -> str:
+    """A target's verdict."""
+    return "✓" if ok else "✗"
+
+
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
     """A plain aligned table (benchmarks print numbers, people read them)."""
     cells = [header, *[[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]]

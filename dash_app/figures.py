@@ -279,6 +279,48 @@ def predictions_timeline_figure(predictions: pd.DataFrame, window: timedelta) ->
     return _layout(fig, 300, title="Predictions over time")
 
 
+def serving_series(predictions: pd.DataFrame, bucket: str) -> pd.DataFrame:
+    """Per time bucket: requests/s, p50 and p99 latency (ms) and the head's mean batch size, from the
+    prediction log's ``latency_ms`` and ``batch_size`` (rows logged before they existed are skipped)."""
+    timed = (
+        predictions.dropna(subset=["latency_ms"]).set_index("timestamp")
+        if "latency_ms" in predictions
+        else None
+    )
+    if timed is None or timed.empty:
+        return pd.DataFrame(columns=["requests_per_s", "p50_ms", "p99_ms", "mean_batch"])
+    grouped = timed.resample(bucket)
+    return pd.DataFrame(
+        {
+            "requests_per_s": grouped.size() / pd.Timedelta(bucket).total_seconds(),
+            "p50_ms": grouped["latency_ms"].quantile(0.5),
+            "p99_ms": grouped["latency_ms"].quantile(0.99),
+            "mean_batch": grouped["batch_size"].mean(),
+        }
+    )
+
+
+def serving_figure(predictions: pd.DataFrame, window: timedelta) -> go.Figure:
+    """Requests/s, p50/p99 latency and mean batch size over time (three stacked panels)."""
+    series = serving_series(predictions, time_bucket(window))
+    if series.empty:
+        return message_figure("No prediction with serving timings in this window.")
+    end = max(predictions["timestamp"].max(), pd.Timestamp.now(tz="UTC"))
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=("requests/s", "latency (ms)", "mean batch size"))  # fmt: skip
+    lines = [("requests_per_s", "requests/s", SECONDARY, 1), ("p50_ms", "p50", PRIMARY, 2),
+             ("p99_ms", "p99", WARN, 2), ("mean_batch", "mean batch", GOOD, 3)]  # fmt: skip
+    for column, name, color, row in lines:
+        fig.add_trace(
+            go.Scatter(x=series.index, y=series[column].to_numpy(), name=name, mode="lines+markers",
+                       connectgaps=False, line={"color": color}),
+            row=row, col=1,
+        )  # fmt: skip
+    fig.update_xaxes(range=[end - window, end])
+    fig.update_yaxes(rangemode="tozero")
+    return _layout(fig, 420, title="Serving")
+
+
 def class_mix_figure(predicted: pd.Series, training_counts: Mapping[int, int]) -> go.Figure:
     """Share of each class among predictions next to its share in the production model's training data."""
     if predicted.empty and not training_counts:

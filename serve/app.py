@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from lib.ops.exposure import authorized, check_exposure
@@ -40,6 +41,9 @@ MODEL_NOT_LOADED = "no production model loaded yet"
 INGRESS_BATCHES_IN_FLIGHT = 4
 RETRY_FIRST_DELAY_S, RETRY_MAX_DELAY_S = 0.1, 2.0
 INNER_DEPLOYMENTS = ("TextEncoder", "ImageEncoder", "FusionModel")
+# Histogram buckets of the custom metrics (Ray's metrics endpoint).
+LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 150, 250, 500, 1000, 2500, 5000, 10000]
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 def batch_configs(settings: Settings, max_batch_size: int | None = None) -> dict[str, dict]:
@@ -155,6 +159,9 @@ class FusionModel(_Batched):
             settings.predlog_max_buffer_rows,
             settings.predlog_spool,
         )
+        self.batch_sizes = metrics.Histogram(
+            "rakuten_model_batch_size", "Products per batch of the fusion head.", BATCH_SIZE_BUCKETS
+        )
         self._start_executor()
         # Loaded before the replica takes traffic: a restarted or added replica answers with a model.
         self.check_alias()
@@ -248,17 +255,16 @@ class FusionModel(_Batched):
         image = logic.stack_inputs([images[i] for i in ok], image_dim)  # (n, image_dim)
         lexical = [product_texts[i] for i in ok]  # read only by a head that reads the text
         probs = loaded.probabilities(text, image, lexical)
-        rows = []
+        self.batch_sizes.observe(len(ok))
+        answered, rows = time.time(), []
         for row, i in enumerate(ok):
             results[i] = logic.prediction(
                 probs[row], loaded.card, self.settings.abstain_threshold, self.name, loaded.version
             )
             meta = metas[i]
-            rows.append(
-                log_row(
-                    results[i], text[row], image[row], meta["has_text"], meta["has_image"], meta["input_hash"]
-                )
-            )
+            latency_ms = (answered - meta["received_at"]) * 1000
+            rows.append(log_row(results[i], text[row], image[row], meta["has_text"], meta["has_image"],
+                                meta["input_hash"], latency_ms=latency_ms, batch_size=len(ok)))  # fmt: skip
         self.log.add(rows)
         return results
 
@@ -296,6 +302,17 @@ class Ingress:
         self.settings = settings
         self.token = settings.serve_auth_token.get_secret_value() if settings.serve_auth_token else None
         self.text, self.image, self.model = text, image, model
+        # Ray's metrics endpoint exports these (prefixed ray_) beside Serve's own request metrics.
+        self.requests = metrics.Counter(
+            "rakuten_requests", "Prediction requests by route and HTTP status.", tag_keys=("route", "status")
+        )
+        self.latency = metrics.Histogram(
+            "rakuten_request_latency_ms", "Prediction latency.", LATENCY_BUCKETS_MS, tag_keys=("route",)
+        )
+
+    def _observe(self, route: str, started: float, status: int) -> None:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        self.latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
 
     async def _body(self, request: Request) -> bytes:
         if not authorized(request.headers.get("authorization"), self.token):
@@ -348,8 +365,24 @@ class Ingress:
             return JSONResponse({"detail": result["error"]["detail"]}, status_code=result["error"]["status"])
         return JSONResponse(result)
 
+    async def _measured(self, route: str, handle, request: Request) -> JSONResponse:
+        """``handle(request)`` counted and timed by route and status (an error is counted, then raised)."""
+        started, status = time.perf_counter(), 500
+        try:
+            response = await handle(request)
+            status = response.status_code
+            return response
+        except logic.InputError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._observe(route, started, status)
+
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
+        return await self._measured("/predict", self._predict_one, request)
+
+    async def _predict_one(self, request: Request) -> JSONResponse:
         body = await self._body(request)
         item = await asyncio.to_thread(
             logic.parse_predict, body, request.headers.get("content-type"), self.settings
@@ -358,6 +391,9 @@ class Ingress:
 
     @api.post("/predict/batch")
     async def predict_batch(self, request: Request) -> JSONResponse:
+        return await self._measured("/predict/batch", self._predict_many, request)
+
+    async def _predict_many(self, request: Request) -> JSONResponse:
         body = await self._body(request)
         items = await asyncio.to_thread(
             logic.parse_batch, body, request.headers.get("content-type"), self.settings

@@ -8,8 +8,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
@@ -50,6 +51,9 @@ class PredictInput:
     text: str
     image: bytes | None
     input_hash: str
+    # Wall-clock time the request was parsed (epoch s): the model deployment logs the latency up to its
+    # answer, which may come from another node (hence not a monotonic clock).
+    received_at: float = field(default_factory=time.time)
 
     @property
     def has_text(self) -> bool:
@@ -65,7 +69,8 @@ class PredictInput:
 
     def meta(self) -> dict:
         """What the model deployment logs besides the prediction."""
-        return {"has_text": self.has_text, "has_image": self.has_image, "input_hash": self.input_hash}
+        return {"has_text": self.has_text, "has_image": self.has_image, "input_hash": self.input_hash,
+                "received_at": self.received_at}  # fmt: skip
 
 
 # --- request parsing --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from lib.ops.predlog import read_predictions
 # Prediction columns the monitoring page needs (the embeddings stay in the lake).
 PREDICTION_COLUMNS = [
     "timestamp", "model_version", "has_text", "has_image", "prdtypecode", "confidence", "abstained",
-    "input_hash",
+    "input_hash", "latency_ms", "batch_size",
 ]  # fmt: skip
 # Epoch timestamps above this are in milliseconds (1e11 s is the year 5138).
 EPOCH_MS_THRESHOLD = 1e11

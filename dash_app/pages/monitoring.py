@@ -246,6 +246,16 @@ def render_monitoring(
                 className="grid-2",
             ),
             ui.section(
+                "Serving: throughput, latency and batch size",
+                ui.graph(figures.serving_figure(predictions, window)),
+                html.P(
+                    "Latency is measured from the parsed request to the model's answer; the batch is "
+                    "the fusion head's. Ray's metrics endpoint exports the same as "
+                    "ray_rakuten_requests, ray_rakuten_request_latency_ms and ray_rakuten_model_batch_size.",
+                    className="hint",
+                ),
+            ),
+            ui.section(
                 "Class mix",
                 ui.graph(figures.class_mix_figure(predictions["prdtypecode"], training_counts)),
                 None

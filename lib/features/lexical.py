@@ -26,6 +26,8 @@ IDF_FILE = "lexical_idf.npz"
 # Word and character n-grams of the whole lexical text, and character n-grams of its title alone (titles
 # carry the codes and brands; a block of their own lifts F1-macro by about 0.015 on the real sample).
 ANALYZERS = ("word", "char_wb", "title_char_wb")
+# Words whose n-gram columns a character block remembers (words repeat across products; a few MB).
+WORD_CACHE_SIZE = 200_000
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class LexicalSpec:
         )
 
 
-def _view(texts: Sequence[str], analyzer: str) -> list[str]:
+def analyzer_view(texts: Sequence[str], analyzer: str) -> list[str]:
     """The part of each lexical text an analyzer reads: the title for the title block, else all of it."""
     if analyzer == "title_char_wb":
         return [t.split(TITLE_SEPARATOR, 1)[0] for t in texts]
@@ -78,11 +80,12 @@ class LexicalFeatures:
         self.spec = spec
         self.vectorizers = list(vectorizers)  # one per analyzer
         self.analyzers = tuple(analyzers)  # a model saved before the title block has two
+        self._word_columns: list[dict[str, list[int]]] = [{} for _ in self.vectorizers]
 
     @classmethod
     def fit(cls, texts: Sequence[str], spec: LexicalSpec) -> LexicalFeatures:
         """Vocabulary and IDF from ``texts`` (the training split's: never validation or test)."""
-        vectorizers = [_vectorizer(spec, analyzer).fit(_view(texts, analyzer)) for analyzer in ANALYZERS]
+        vectorizers = [_vectorizer(spec, a).fit(analyzer_view(texts, a)) for a in ANALYZERS]
         return cls(spec, vectorizers)
 
     @property
@@ -91,7 +94,11 @@ class LexicalFeatures:
 
     def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
         # Each analyzer's block is unit-norm; the scale makes the whole row unit-norm again.
-        blocks = [v.transform(_view(texts, a)) for v, a in zip(self.vectorizers, self.analyzers, strict=True)]
+        blocks = [
+            _char_wb_tfidf(v, analyzer_view(texts, a), self._word_columns[i]) if a.endswith("char_wb")
+            else v.transform(analyzer_view(texts, a))
+            for i, (v, a) in enumerate(zip(self.vectorizers, self.analyzers, strict=True))
+        ]  # fmt: skip
         scale = np.float32(len(blocks) ** -0.5)
         return (sp.hstack(blocks, format="csr", dtype=np.float32) * scale).tocsr()
 
@@ -119,6 +126,41 @@ class LexicalFeatures:
             vectorizer.idf_ = idf  # also builds the inner transformer: no refit
             vectorizers.append(vectorizer)
         return cls(spec, vectorizers, payload["analyzers"])
+
+
+def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, list[int]]) -> sp.csr_matrix:
+    """``vectorizer.transform(texts)`` for a ``char_wb`` vectorizer, with the same values, ~5× faster.
+
+    A ``char_wb`` n-gram never crosses a word boundary, so a text's counts are the sum of its words'. Each
+    word's vocabulary columns are looked up once and remembered in ``word_columns``, instead of every
+    n-gram of every text going through a dictionary (scikit-learn: ~3 ms per 2,000-character text).
+    Then the same sublinear TF, IDF weighting and L2 norm as ``TfidfTransformer``.
+    """
+    from sklearn.preprocessing import normalize
+
+    preprocess, analyze = vectorizer.build_preprocessor(), None
+    vocabulary = vectorizer.vocabulary_
+    indices, indptr = [], [0]
+    for text in texts:
+        for word in preprocess(text).split():
+            columns = word_columns.get(word)
+            if columns is None:
+                analyze = analyze or vectorizer.build_analyzer()
+                columns = [vocabulary[g] for g in analyze(word) if g in vocabulary]
+                if len(word_columns) < WORD_CACHE_SIZE:
+                    word_columns[word] = columns
+            indices.extend(columns)
+        indptr.append(len(indices))
+    counts = sp.csr_matrix(
+        (np.ones(len(indices), np.float32), np.asarray(indices, np.int32), np.asarray(indptr, np.int64)),
+        shape=(len(texts), len(vocabulary)),
+    )
+    counts.sum_duplicates()  # repeated n-grams add up; indices sorted, as scikit-learn's
+    if vectorizer.sublinear_tf:
+        np.log(counts.data, counts.data)
+        counts.data += 1.0
+    counts.data *= vectorizer.idf_[counts.indices]
+    return normalize(counts, norm=vectorizer.norm, copy=False)
 
 
 @dataclass

@@ -85,6 +85,13 @@ def load_version(client: MlflowClient, name: str, version: str) -> LoadedModel:
         return read_model_dir(Path(local), version)
 
 
+def register_again(client: MlflowClient, name: str, version: str) -> str:
+    """A new version of the same artifacts as ``version`` (a promotion that changes only the version
+    number: what bench_serve promotes under load)."""
+    source = client.get_model_version(name, version)
+    return client.create_model_version(name, source.source, run_id=source.run_id).version
+
+
 def promote(client: MlflowClient, name: str, version: str) -> str | None:
     """Point ``production`` at ``version``; the replaced version becomes ``previous``. Returns it."""
     current = version_by_alias(client, name, PRODUCTION)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import threading
 import uuid
@@ -27,13 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lib.data.layout import PREDICTIONS, prediction_day_of, prediction_day_prefix, prediction_key
-from lib.data.storage import get_table, list_keys, list_prefixes
+from lib.data.storage import get_bytes, list_keys, list_prefixes
 from lib.settings import Settings
 
 TOP_K = 5
 COLUMNS = [
     "timestamp", "model_name", "model_version", "has_text", "has_image", "prdtypecode", "confidence",
-    "abstained", "top5_codes", "top5_scores", "text_emb", "image_emb", "input_hash",
+    "abstained", "top5_codes", "top5_scores", "text_emb", "image_emb", "input_hash", "latency_ms",
+    "batch_size",
 ]  # fmt: skip
 
 # A spooled file is named by its object key with "/" replaced (one flat directory, the key recoverable).
@@ -61,15 +63,20 @@ def log_row(
     has_image: bool,
     hash_hex: str,
     timestamp: datetime | None = None,
+    latency_ms: float | None = None,
+    batch_size: int | None = None,
 ) -> dict:
     """One log row from a served prediction and its inputs.
 
     ``prediction`` holds ``prdtypecode``, ``confidence``, ``abstained``, ``model_name``,
-    ``model_version`` and ``top5`` (a list of ``{"prdtypecode", "score", ...}``).
+    ``model_version`` and ``top5`` (a list of ``{"prdtypecode", "score", ...}``). ``latency_ms``: from the
+    request's parsing to this answer; ``batch_size``: products in the model's batch.
     """
     top = prediction["top5"]
     return {
         "timestamp": timestamp or datetime.now(UTC),
+        "latency_ms": latency_ms,
+        "batch_size": batch_size,
         "model_name": prediction["model_name"],
         "model_version": str(prediction["model_version"]),
         "has_text": bool(has_text),
@@ -107,6 +114,8 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
             "text_emb": _vectors(rows, "text_emb"),
             "image_emb": _vectors(rows, "image_emb"),
             "input_hash": pa.array([r["input_hash"] for r in rows], pa.string()),
+            "latency_ms": pa.array([r.get("latency_ms") for r in rows], pa.float32()),
+            "batch_size": pa.array([r.get("batch_size") for r in rows], pa.int32()),
         }
     )
 
@@ -139,11 +148,18 @@ def read_predictions(
     if not keys:
         return pd.DataFrame(columns=wanted)
     with ThreadPoolExecutor(settings.upload_threads) as pool:
-        tables = list(pool.map(lambda k: get_table(client, settings.bucket_lake, k, read_columns), keys))
+        tables = list(pool.map(lambda k: _read_log_file(client, settings.bucket_lake, k, read_columns), keys))
     frame = pa.concat_tables(tables, promote_options="default").to_pandas()
     if since_utc is not None:
         frame = frame[frame["timestamp"] >= pd.Timestamp(since_utc)]
-    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True)[wanted]
+    # A file written before a column existed (latency_ms, batch_size) has nulls there.
+    return frame.sort_values("timestamp", kind="stable").reset_index(drop=True).reindex(columns=wanted)
+
+
+def _read_log_file(client, bucket: str, key: str, columns: list[str]) -> pa.Table:
+    """The ``columns`` of one log file that it has."""
+    parquet = pq.ParquetFile(io.BytesIO(get_bytes(client, bucket, key)))
+    return parquet.read([c for c in columns if c in parquet.schema_arrow.names])
 
 
 class PredictionLogWriter:

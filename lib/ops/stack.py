@@ -34,6 +34,7 @@ from lib.ops.preflight import ray_env
 from lib.settings import PROJECT_ROOT, Settings, get_settings, is_loopback
 
 VENV_BIN = Path(sys.executable).parent
+HAPROXY_WRAPPER = PROJECT_ROOT / "serve" / "haproxy_bind.sh"
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,20 @@ SERVE_LEAN_RUNTIME_ENV = {
 
 def serve_runtime_env(settings: Settings) -> dict[str, str]:
     """Environment of the Ray head for Serve's processes (controller, proxy, replicas)."""
-    return dict(SERVE_LEAN_RUNTIME_ENV) if settings.serve_lean_runtime else {}
+    env = dict(SERVE_LEAN_RUNTIME_ENV) if settings.serve_lean_runtime else {}
+    return env | (haproxy_env(settings) if settings.serve_haproxy else {})
+
+
+def haproxy_env(settings: Settings) -> dict[str, str]:
+    """Serve's HAProxy ingress, run through serve/haproxy_bind.sh (stats and metrics on loopback) with this
+    stack's ports. Its config and admin socket stay in Ray's per-node directories under /tmp (a Unix socket
+    path must be short)."""
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.haproxy_stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.haproxy_metrics_port),
+    }
 
 
 def _ray_service(settings: Settings) -> Service:

@@ -74,6 +74,8 @@ def predictions_frame(n: int = 200, seed: int = 0) -> pd.DataFrame:
             "confidence": confidence,
             "abstained": confidence < 0.5,
             "input_hash": [f"{i:064x}" for i in range(n)],
+            "latency_ms": rng.uniform(20, 200, n),
+            "batch_size": rng.integers(1, 17, n),
         }
     ).sort_values("timestamp", ignore_index=True)
 
@@ -101,6 +103,7 @@ def empty_catalogue() -> Catalogue:
         (lambda: figures.predictions_timeline_figure(pd.DataFrame(), timedelta(hours=1)), "No prediction"),
         (lambda: figures.class_mix_figure(pd.Series(dtype=int), {}), "No prediction"),
         (lambda: figures.confidence_histogram_figure(pd.DataFrame()), "No prediction"),
+        (lambda: figures.serving_figure(pd.DataFrame(), timedelta(hours=1)), "No prediction"),
     ],
 )
 def test_empty_inputs_give_a_figure_that_says_why(build, expected):
@@ -154,6 +157,21 @@ def test_per_class_and_ablation_figures():
     assert list(fig.data[0].x) == ["text", "image", "fusion"]
 
 
+def test_serving_series_per_bucket():
+    start = pd.Timestamp("2026-12-01 10:00", tz="UTC")
+    frame = pd.DataFrame({
+        "timestamp": [start + pd.Timedelta(seconds=s) for s in (0, 10, 20, 30, 70)],
+        "latency_ms": [10.0, 20.0, 30.0, 40.0, 50.0],
+        "batch_size": [1, 1, 4, 4, 8],
+    })  # fmt: skip
+    old = frame.iloc[[0]].assign(latency_ms=np.nan)  # logged before the column existed: skipped
+    series = figures.serving_series(pd.concat([frame, old]), "1min")
+    assert series["requests_per_s"].tolist() == pytest.approx([4 / 60, 1 / 60])
+    assert series["p50_ms"].tolist() == pytest.approx([25.0, 50.0])
+    assert series["p99_ms"].iloc[0] == pytest.approx(39.7)
+    assert series["mean_batch"].tolist() == pytest.approx([2.5, 8.0])
+
+
 def test_monitoring_figures():
     frame = predictions_frame()
     timeline = figures.predictions_timeline_figure(frame, timedelta(hours=12))
@@ -164,6 +182,8 @@ def test_monitoring_figures():
     assert sum(mix.data[1].y) == pytest.approx(1.0)
     histogram = figures.confidence_histogram_figure(frame)
     assert {t.name for t in histogram.data} == {"answered", "abstained"}
+    serving = figures.serving_figure(frame, timedelta(hours=12))
+    assert [t.name for t in serving.data] == ["requests/s", "p50", "p99", "mean batch"]
     assert figures.time_bucket(timedelta(hours=1)) == "1min"
     assert figures.time_bucket(timedelta(days=1)) == "30min"
 

@@ -430,8 +430,8 @@ def test_fault_a_killed_serve_replica_is_replaced_while_requests_keep_succeeding
     assert health(app)[0] == 200
 
 
-def test_predictions_are_logged_to_s3_with_training_identical_embeddings(
-    v1, app, s3, stack, production_model, started_at
+def test_predictions_are_logged_with_timings_and_training_identical_embeddings_and_counted_in_metrics(
+    v1, app, s3, stack, production_model, started_at, ray_cluster
 ):
     # A catalogue product, raw as a user sends it; the lake holds its training-time embeddings.
     products = lake.current_products(s3, stack, PRODUCT_COLUMNS)
@@ -467,6 +467,7 @@ def test_predictions_are_logged_to_s3_with_training_identical_embeddings(
     assert mine["confidence"] == pytest.approx(served["confidence"], abs=1e-5)
     assert list(mine["top5_codes"]) == [t["prdtypecode"] for t in served["top5"]]
     assert not frame[frame["input_hash"] == text_digest].iloc[-1]["has_image"]
+    assert 0 < mine["latency_ms"] < 60_000 and mine["batch_size"] >= 1
     for column in ("model_name", "model_version", "input_hash"):  # never the raw text
         assert not frame[column].astype(str).str.contains(clean_text(designation)[:20], regex=False).any()
 
@@ -478,6 +479,18 @@ def test_predictions_are_logged_to_s3_with_training_identical_embeddings(
     np.testing.assert_allclose(mine["text_emb"], stored["text_emb"], atol=1e-4)
     np.testing.assert_allclose(mine["image_emb"], stored["image_emb"], atol=1e-4)
     assert json.loads(json.dumps(served))  # plain JSON all the way
+
+    # The same requests, counted and timed on Ray's metrics endpoint (Prometheus text).
+    port = ray_cluster.nodes()[0]["MetricsExportPort"]
+
+    def exported():
+        with httpx.Client(timeout=5) as scrape:
+            text = scrape.get(f"http://{app.host}:{port}/metrics").text
+        wanted = ("ray_rakuten_requests", 'route="/predict"', 'status="200"',
+                  "ray_rakuten_request_latency_ms_bucket", "ray_rakuten_model_batch_size_bucket")  # fmt: skip
+        return text if all(w in text for w in wanted) else None
+
+    assert wait_for(exported, timeout_s=60, every_s=2)
 
 
 def test_fault_s3_killed_under_traffic_every_request_answers_and_every_log_row_lands(v1, app, s3, stack):

@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from lib.features.lexical import LexicalFeatures, LexicalSpec, SparseBatch
+from lib.features.lexical import LexicalFeatures, LexicalSpec, SparseBatch, analyzer_view
 
 SPEC = LexicalSpec(word_ngrams=(1, 2), char_ngrams=(2, 4), min_df=1, max_features=5000)
 TRAIN_TEXTS = [
@@ -33,6 +33,24 @@ def test_vocabulary_comes_only_from_the_fitted_texts():
     assert "zzyzx" not in words
     unseen = features.transform(["zzyzx qwv"])  # nothing of it was fitted: an all-zero word block
     assert unseen[:, : len(words)].nnz == 0
+
+
+def test_character_blocks_equal_scikit_learns_transform_exactly_batched_or_one_by_one():
+    features = LexicalFeatures.fit(TRAIN_TEXTS, SPEC)
+    probe = [
+        "MANETTE ps4 Sans-Fil  noire\tédition\n1/43", "a b", "", "   ", "Peugeot\u00a0205 rouge rouge rouge",
+        "Jeu PS4 Fifa 2019 ; Jeu PS4", "Œuvre déjà vue x",
+    ]  # fmt: skip
+    for _ in range(2):  # cold, then with every word's columns remembered
+        for texts in (probe, probe[:1], probe[4:5]):
+            # scikit-learn's transform of each block, assembled as LexicalFeatures does.
+            pairs = zip(features.vectorizers, features.analyzers, strict=True)
+            blocks = [v.transform(analyzer_view(texts, a)) for v, a in pairs]
+            reference = (sp.hstack(blocks, format="csr", dtype=np.float32) * np.float32(3**-0.5)).tocsr()
+            fast = features.transform(texts)
+            assert np.array_equal(fast.indptr, reference.indptr)
+            assert np.array_equal(fast.indices, reference.indices)
+            assert np.array_equal(fast.data, reference.data)  # bit for bit
 
 
 def test_save_and_load_give_exactly_the_same_features(tmp_path):

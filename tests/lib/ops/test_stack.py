@@ -206,7 +206,7 @@ def test_bad_object_uri_is_a_clear_error():
         split_uri("s3://incoming")
 
 
-def test_ray_head_gets_serves_lean_flags_unless_turned_off(settings, ray_cluster):
+def test_ray_head_gets_serves_lean_flags_and_haproxy_unless_turned_off(settings, ray_cluster):
     @ray_cluster.remote
     def worker_env(name: str) -> str | None:
         import os
@@ -215,9 +215,11 @@ def test_ray_head_gets_serves_lean_flags_unless_turned_off(settings, ray_cluster
 
     # Serve's processes are Ray workers: they inherit the head's environment.
     assert ray_cluster.get(worker_env.remote("RAY_SERVE_USE_GRPC_BY_DEFAULT")) == "1"
+    assert ray_cluster.get(worker_env.remote("RAY_SERVE_ENABLE_HA_PROXY")) == "1"
     flags = stack_mod._ray_service(settings).env
+    assert flags["RAY_SERVE_HAPROXY_STATS_PORT"] == str(settings.serve_port + 404)  # per stack, not 8404
     assert flags["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
     assert flags["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in flags  # it would move the ingress off serve_port
-    off = settings.model_copy(update={"serve_lean_runtime": False})
+    off = settings.model_copy(update={"serve_lean_runtime": False, "serve_haproxy": False})
     assert stack_mod._ray_service(off).env == {}
