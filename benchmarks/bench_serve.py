@@ -348,7 +348,7 @@ def target_lines(rows: list[list[object]], promotion: dict) -> list[str]:
     lines = []
     for kind, target in TARGETS.items():
         ratio = by_key[("serve batched", kind, 32)][4] / by_key[("fastapi plain", kind, 32)][4]
-        lines.append(f"{kind}: Serve batched / FastAPI plain at concurrency 32 = {ratio:.2f} "
+        lines.append(f"{kind}: Serve batched / FastAPI plain at concurrency 32 = {ratio:.3f} "
                      f"(target ≥ {target}) {mark(ratio >= target)}")  # fmt: skip
     p99 = by_key[("serve batched", "text+image", 8)][6]
     lines.append(f"text+image p99 at concurrency 8 = {p99:.0f} ms (target ≤ {TARGET_IMAGE_P99_MS}) "

@@ -26,7 +26,7 @@ IDF_FILE = "lexical_idf.npz"
 # Word and character n-grams of the whole lexical text, and character n-grams of its title alone (titles
 # carry the codes and brands; a block of their own lifts F1-macro by about 0.015 on the real sample).
 ANALYZERS = ("word", "char_wb", "title_char_wb")
-# Words whose n-gram columns a character block remembers (words repeat across products; a few MB).
+# Words whose n-gram columns a character block remembers (words repeat across products): tens of MB at most.
 WORD_CACHE_SIZE = 200_000
 
 
@@ -136,6 +136,7 @@ def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, lis
     n-gram of every text going through a dictionary (scikit-learn: ~3 ms per 2,000-character text).
     Then the same sublinear TF, IDF weighting and L2 norm as ``TfidfTransformer``.
     """
+    # lazy: scikit-learn takes about a second to import (see _vectorizer)
     from sklearn.preprocessing import normalize
 
     preprocess, analyze = vectorizer.build_preprocessor(), None

@@ -89,7 +89,11 @@ def register_again(client: MlflowClient, name: str, version: str) -> str:
     """A new version of the same artifacts as ``version`` (a promotion that changes only the version
     number: what bench_serve promotes under load)."""
     source = client.get_model_version(name, version)
-    return client.create_model_version(name, source.source, run_id=source.run_id).version
+    # MLflow 3 registers a logged model ("models:/<model id>") only with that id named.
+    model_id = (
+        source.source.removeprefix("models:/").split("/")[0] if source.source.startswith("models:/") else None
+    )
+    return client.create_model_version(name, source.source, run_id=source.run_id, model_id=model_id).version
 
 
 def promote(client: MlflowClient, name: str, version: str) -> str | None:
