@@ -129,7 +129,8 @@ class LexicalFeatures:
 
 
 def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, list[int]]) -> sp.csr_matrix:
-    """``vectorizer.transform(texts)`` for a ``char_wb`` vectorizer, with the same values, ~5× faster.
+    """``vectorizer.transform(texts)`` for a ``char_wb`` vectorizer, with the same values, faster
+    (bench_lexical, real sample: 3.4× in a batch of known words, 1.6× one text per call).
 
     A ``char_wb`` n-gram never crosses a word boundary, so a text's counts are the sum of its words'. Each
     word's vocabulary columns are looked up once and remembered in ``word_columns``, instead of every
