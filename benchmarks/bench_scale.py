@@ -314,6 +314,9 @@ def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
             rate = f"{count / seconds:.1f}" if count and seconds else "-"
             rows.append([run["label"], stage, f"{seconds:.1f}", "-" if count is None else count, rate,
                          f"{gb:.2f} ({kind})", f"{sampler.machine(phase):.2f}"])  # fmt: skip
+            if result.get("phase_seconds"):  # the train stage's own split (lib.model.stage)
+                split = " · ".join(f"{k} {v:.0f}" for k, v in result["phase_seconds"].items())
+                rows.append([run["label"], f"  {stage} phases", split, "", "", result.get("retune", ""), ""])
         spill = "n/a" if run["spilled"] is None else f"{run['spilled'] / 2**20:.0f} MiB"
         rows.append([run["label"], "upload → done", f"{run['wall_s']:.1f}", "", "", f"spilled {spill}", ""])
     return rows

@@ -166,8 +166,13 @@ class Settings(BaseSettings):
     tune_seed: int = 0
     tune_max_rows: int = Field(
         10_000,
-        description="Experts trials search on a stratified sample of at most this many train + val products "
-        "(the final fit uses them all): a trial's cost stops growing with the catalogue.",
+        description="Trials search on a stratified sample of at most this many train + val products (the "
+        "final fit uses them all): a trial's cost stops growing with the catalogue.",
+    )
+    tune_trial_cpus: float = Field(
+        0.6,
+        description="CPUs a Tune trial reserves: 0.6 lets two trials run on 2 cores beside Serve's 0.7 "
+        "(with 1, the second core idled during the search).",
     )
     lexical_enabled: bool = Field(
         True, description="Fit a TF-IDF block on the training split; the search decides whether to use it."
@@ -192,7 +197,9 @@ class Settings(BaseSettings):
         5, description="Cross-validation folds that choose the experts' fusion weights."
     )
     fit_threads: int = Field(
-        2, description="Folds the final experts fit trains at once (liblinear and BLAS free the GIL)."
+        2,
+        description="Threads of the final experts fit: above 1, the lexical experts train on one thread and "
+        "the dense ones on another (liblinear and BLAS free the GIL); more gain nothing.",
     )
     early_stop_patience: int = 5
     keep_model_versions: int = 5

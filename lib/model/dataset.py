@@ -47,9 +47,19 @@ class Dataset:
     def lexical_dim(self) -> int:
         return 0 if self.lexical is None else self.lexical.shape[1]
 
-    def inputs(self, mask: np.ndarray) -> Inputs:
-        """The experts' inputs of the rows in ``mask`` (the TF-IDF block must have been added)."""
+    def inputs(self, mask: np.ndarray | None = None) -> Inputs:
+        """The experts' inputs of the rows in ``mask`` (all rows: None; the TF-IDF block must have been
+        added)."""
+        if mask is None:
+            return Inputs(self.lexical, self.text, self.image)
         return Inputs(self.lexical[mask], self.text[mask], self.image[mask])
+
+    def take(self, rows: np.ndarray) -> Dataset:
+        """These rows only, without the texts and the fitted TF-IDF block (what a trial reads)."""
+        lexical = None if self.lexical is None else self.lexical[rows]
+        return replace(self, text=self.text[rows], image=self.image[rows], y=self.y[rows],
+                       split=self.split[rows], productid=self.productid[rows], texts=None,
+                       lexical=lexical, lexical_features=None)  # fmt: skip
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.split == name).sum()) for name in (TRAIN, VAL, TEST)}

@@ -92,9 +92,9 @@ def fit_and_test_experts(
 ) -> FittedHead:
     """The experts fitted on train + val (fusion weights and calibration from out-of-fold scores), scored
     on test."""
-    rows = data.split != TEST
+    rows = np.flatnonzero(data.split != TEST)  # the folds read them in place: no copy of train + val
     ensemble, calibration = fit_ensemble(
-        data.inputs(rows), data.y[rows], len(data.codes), config, folds, seed, workers
+        data.inputs(), data.y[rows], len(data.codes), config, folds, seed, workers, rows
     )
     report, predicted = scored(
         ensemble.logits(data.inputs(data.split == TEST)), data.part(TEST)[2], calibration

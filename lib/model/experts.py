@@ -50,6 +50,11 @@ class ExpertConfig:
     image_c: float = 3.0
 
 
+def has_image(image: np.ndarray) -> np.ndarray:
+    """Rows with an image embedding (a product without an image has a zero row)."""
+    return np.abs(image).sum(axis=1) > 0
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The three inputs of n products, row-aligned."""
@@ -60,7 +65,7 @@ class Inputs:
 
     @property
     def has_image(self) -> np.ndarray:
-        return np.abs(self.image).sum(axis=1) > 0
+        return has_image(self.image)
 
     def rows(self, index: np.ndarray) -> Inputs:
         return Inputs(self.lexical[index], self.text[index], self.image[index])
@@ -102,16 +107,23 @@ def average_experts(folds: list[LinearExpert]) -> LinearExpert:
     return LinearExpert(coef.astype(np.float32), intercept.astype(np.float32), seen.sum(0) > 0)
 
 
-def fit_experts(x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig) -> dict[str, LinearExpert]:
-    """The three experts fitted on these rows (class-balanced: F1-macro weighs every class alike)."""
-    lexical = LinearSVC(C=config.lexical_c, class_weight="balanced", random_state=0).fit(x.lexical, y)
-    text = LogisticRegression(C=config.text_c, max_iter=2000, class_weight="balanced").fit(x.text, y)
-    out = {"lexical": LinearExpert.from_sklearn(lexical, n_classes),
-           "text": LinearExpert.from_sklearn(text, n_classes)}  # fmt: skip
-    with_image = x.has_image
+def fit_lexical_expert(lexical: sp.csr_matrix, y: np.ndarray, n_classes: int, c: float) -> LinearExpert:
+    """The linear SVM on the TF-IDF rows (class-balanced: F1-macro weighs every class alike)."""
+    # liblinear reads float64: convert here so that the float32 rows and their float64 copy never coexist.
+    svm = LinearSVC(C=c, class_weight="balanced", random_state=0).fit(lexical.astype(np.float64), y)
+    return LinearExpert.from_sklearn(svm, n_classes)
+
+
+def fit_dense_experts(
+    text: np.ndarray, image: np.ndarray, y: np.ndarray, n_classes: int, config: ExpertConfig
+) -> dict[str, LinearExpert]:
+    """The text and image logistic regressions (the image one on the rows that have an image)."""
+    fitted = LogisticRegression(C=config.text_c, max_iter=2000, class_weight="balanced").fit(text, y)
+    out = {"text": LinearExpert.from_sklearn(fitted, n_classes)}
+    with_image = has_image(image)
     if len(np.unique(y[with_image])) > 1:
-        image = LogisticRegression(C=config.image_c, max_iter=2000, class_weight="balanced")
-        out["image"] = LinearExpert.from_sklearn(image.fit(x.image[with_image], y[with_image]), n_classes)
+        fitted = LogisticRegression(C=config.image_c, max_iter=2000, class_weight="balanced")
+        out["image"] = LinearExpert.from_sklearn(fitted.fit(image[with_image], y[with_image]), n_classes)
     return out
 
 
@@ -163,26 +175,40 @@ def out_of_fold(
     seed: int,
     on_fold=None,
     workers: int = 1,
+    rows: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, LinearExpert]]]:
     """Every row's expert log-probabilities from experts that did not see it (k-fold), and the k fold
     models.
 
-    ``on_fold(k, parts_so_far, done_mask)`` is called after each fold, in order (Tune reports from it).
-    ``workers`` folds are fitted at once on threads, each with one BLAS thread.
+    ``rows``: the rows of ``x`` that take part (None: all), so that the caller need not copy them; ``y``
+    and the returned scores are theirs, in that order. ``on_fold(k, parts_so_far, done_mask)`` is called
+    after each fold, in order (Tune reports from it). With ``workers`` > 1, two threads (one BLAS thread
+    each) train the folds: one the lexical experts, the other the dense ones. Two folds at once would hold
+    two copies of the TF-IDF rows in liblinear's format, the largest thing in memory at full size.
     """
+    rows = np.arange(len(y)) if rows is None else rows
     parts = {name: np.zeros((len(y), n_classes), np.float32) for name in EXPERTS}
     done = np.zeros(len(y), bool)
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
-    def fit_fold(rows: np.ndarray) -> dict[str, LinearExpert]:
-        return fit_experts(x.rows(rows), y[rows], n_classes, config)
+    def lexical(fit: np.ndarray) -> dict[str, LinearExpert]:
+        return {"lexical": fit_lexical_expert(x.lexical[rows[fit]], y[fit], n_classes, config.lexical_c)}
+
+    def dense(fit: np.ndarray) -> dict[str, LinearExpert]:
+        return fit_dense_experts(x.text[rows[fit]], x.image[rows[fit]], y[fit], n_classes, config)
 
     models = []
-    with ThreadPoolExecutor(workers) as pool, threadpool_limits(1 if workers > 1 else None):
-        fitted = pool.map(fit_fold, [fit_rows for fit_rows, _ in splits])
-        for k, ((_, held_out), model) in enumerate(zip(splits, fitted, strict=True), start=1):
+    with (
+        ThreadPoolExecutor(1) as lexical_lane,
+        ThreadPoolExecutor(1) as dense_lane,
+        threadpool_limits(1 if workers > 1 else None),
+    ):
+        dense_lane = dense_lane if workers > 1 else lexical_lane
+        lanes = [(lexical_lane.submit(lexical, fit), dense_lane.submit(dense, fit)) for fit, _ in splits]
+        for k, ((_, held_out), (first, second)) in enumerate(zip(splits, lanes, strict=True), start=1):
+            model = first.result() | second.result()
             models.append(model)
-            scored = expert_log_probs(model, x.rows(held_out))
+            scored = expert_log_probs(model, x.rows(rows[held_out]))
             for name in EXPERTS:
                 parts[name][held_out] = scored[name]
             done[held_out] = True
@@ -219,11 +245,18 @@ class ExpertEnsemble:
 
 
 def fit_ensemble(
-    x: Inputs, y: np.ndarray, n_classes: int, config: ExpertConfig, folds: int, seed: int, workers: int = 1
+    x: Inputs,
+    y: np.ndarray,
+    n_classes: int,
+    config: ExpertConfig,
+    folds: int,
+    seed: int,
+    workers: int = 1,
+    rows: np.ndarray | None = None,
 ) -> tuple[ExpertEnsemble, Calibration]:
     """The k fold models' experts averaged, fused by weights chosen on their out-of-fold scores, and the
-    calibration fitted on the same scores."""
-    parts, models = out_of_fold(x, y, n_classes, config, folds, seed, workers=workers)
+    calibration fitted on the same scores (``rows``, ``workers``: as ``out_of_fold``)."""
+    parts, models = out_of_fold(x, y, n_classes, config, folds, seed, workers=workers, rows=rows)
     weights = choose_weights(parts, y)
     fitted = {name: [m[name] for m in models if name in m] for name in EXPERTS}
     experts = {name: average_experts(folds) for name, folds in fitted.items() if folds}

@@ -61,6 +61,7 @@ class TrainOutcome:
     tune_seconds: float = 0.0
     lineage: dict = field(default_factory=dict)
     retune: str = ""  # full search or refit, and why (``decide_retune``)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # load, search, fit, register_promote
 
     def summary(self) -> dict:
         """The JSON the pipeline record keeps."""
@@ -75,6 +76,7 @@ class TrainOutcome:
             "reason": self.decision.reason,
             "retune": self.retune,
             "tune_seconds": round(self.tune_seconds, 1),
+            "phase_seconds": {k: round(v, 1) for k, v in self.phase_seconds.items()},
         }
 
 
@@ -86,10 +88,12 @@ def run_train_stage(
     max_epochs = max_epochs or settings.tune_max_epochs
     mlflow.set_tracking_uri(settings.mlflow_uri)
     client = MlflowClient(settings.mlflow_uri)
+    phases, started = {}, time.monotonic()
     data, lineage = load_dataset(s3, settings)
     production, unchanged, retune = plan_training(settings, client, s3, data, force)
     if unchanged is not None:
         return unchanged
+    phases["load"] = time.monotonic() - started
 
     # Created here, in the driver, before any trial touches the tracking store (concurrent first use fails).
     experiment = mlflow.set_experiment(settings.mlflow_experiment)
@@ -98,16 +102,16 @@ def run_train_stage(
         sha = git_sha(settings)
         _log_inputs(settings, data, lineage, sha, trials, max_epochs)
         mlflow.log_params({"retune": retune.kind, "retune_reason": retune.reason})
-        best = tune_head(settings, data, parent.info.run_id, experiment.experiment_id,
-                         trials if retune.full else 1, max_epochs, kind=settings.head_kind,
-                         replay=None if retune.full else [retune.replay])  # fmt: skip
-        close_stopped_trials(client, experiment.experiment_id, parent.info.run_id)
-        tune_seconds = time.monotonic() - t0
+        best = search(settings, client, data, retune, parent.info.run_id, experiment.experiment_id,
+                      trials, max_epochs)  # fmt: skip
+        tune_seconds = phases["search"] = time.monotonic() - t0
         mlflow.log_params({f"best_{k}": v for k, v in best.config.items()})
-        mlflow.log_metrics({"best_val_f1_macro": best.val_f1_macro, "tune_seconds": tune_seconds,
-                            "trials_stopped_early": best.stopped_early})  # fmt: skip
+        mlflow.log_metrics({"tune_seconds": tune_seconds, "trials_stopped_early": best.stopped_early})
+        if best.trials:
+            mlflow.log_metric("best_val_f1_macro", best.val_f1_macro)
         head, ablation = fit_best(settings, data, best, max_epochs)
         _log_evaluation(data, head, ablation)
+        phases["fit"] = time.monotonic() - t0 - tune_seconds
         card = model_card(settings, data, lineage, head, sha, parent.info.run_id) | {
             "tune_config": best.config
         }
@@ -115,6 +119,8 @@ def run_train_stage(
         candidate_f1 = head.report["f1_macro"]
         decision = promote_if_better(client, settings, data, version, candidate_f1, production)
         _log_decision(decision)
+        phases["register_promote"] = time.monotonic() - t0 - tune_seconds - phases["fit"]
+        mlflow.log_metrics({f"seconds_{phase}": seconds for phase, seconds in phases.items()})
     return TrainOutcome(
         skipped=False,
         run_id=parent.info.run_id,
@@ -126,7 +132,28 @@ def run_train_stage(
         tune_seconds=tune_seconds,
         lineage=lineage,
         retune=f"{retune.kind}: {retune.reason}",
+        phase_seconds=phases,
     )
+
+
+def search(
+    settings: Settings,
+    client: MlflowClient,
+    data: Dataset,
+    retune: RetuneDecision,
+    parent_run_id: str,
+    experiment_id: str,
+    trials: int,
+    max_epochs: int,
+) -> TuneResult:
+    """The Ray Tune search, or for a refit production's configuration as it is: the final fit is then the
+    one training run (a trial would score a configuration there is nothing to choose against)."""
+    if not retune.full:
+        return TuneResult(retune.replay, float("nan"), trials=0, configs=[retune.replay], stopped_early=0)
+    kind = settings.head_kind
+    best = tune_head(settings, data, parent_run_id, experiment_id, trials, max_epochs, kind=kind)
+    close_stopped_trials(client, experiment_id, parent_run_id)
+    return best
 
 
 def fit_best(settings: Settings, data: Dataset, best: TuneResult, max_epochs: int) -> tuple[FittedHead, dict]:
@@ -176,7 +203,7 @@ def _calibration(report: dict) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class RetuneDecision:
-    """A full Ray Tune search, or one trial refitting the production configuration on today's data."""
+    """A full Ray Tune search, or a refit of the production configuration on today's data (no search)."""
 
     full: bool
     reason: str

@@ -10,7 +10,7 @@ as it stops a weak MLP after its first epochs. Each trial has its own MLflow run
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import optuna
@@ -108,13 +108,11 @@ def _report(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None
 def expert_trial_fn(
     config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings
 ) -> None:
-    """One experts trial: k-fold over (a stratified sample of at most ``tune_max_rows`` of) train + val,
-    reporting the out-of-fold F1-macro after each fold."""
+    """One experts trial: k-fold over ``data`` (``tuning_sample``: no test rows), reporting the out-of-fold
+    F1-macro after each fold."""
     client = MlflowClient(settings.mlflow_uri)
     run_id = _trial_run(client, experiment_id, parent_run_id, config)
-    rows = np.flatnonzero(data.split != TEST)
-    rows = rows[stratified_subsample(data.y[rows], settings.tune_max_rows, settings.tune_seed)]
-    x, y = data.inputs(rows), data.y[rows]
+    x, y = data.inputs(), data.y
 
     def report(fold: int, parts: dict, done: np.ndarray) -> None:
         seen = {name: scores[done] for name, scores in parts.items()}
@@ -147,6 +145,14 @@ def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str
     result = train_model(data, model_config, train_config, on_epoch=report)
     client.log_metric(run_id, "best_val_f1_macro", result.best_val["val_f1_macro"])
     client.set_terminated(run_id)
+
+
+def tuning_sample(data: Dataset, max_rows: int, seed: int) -> Dataset:
+    """The train + val rows trials search on: a stratified sample of at most ``max_rows`` (each keeps its
+    split). Only these rows go to the object store, so a trial's memory and time stop growing with the
+    catalogue; the final fit uses every row."""
+    rows = np.flatnonzero(data.split != TEST)
+    return data.take(rows[stratified_subsample(data.y[rows], max_rows, seed)])
 
 
 def make_scheduler(name: str, max_epochs: int, settings: Settings) -> TrialScheduler:
@@ -189,13 +195,12 @@ def tune_head(
     trainable = tune.with_resources(
         tune.with_parameters(
             expert_trial_fn if experts else trial_fn,
-            # Trials read the TF-IDF rows, not the fitted vectorizers (vocabularies): leave those out.
-            data=replace(data, lexical_features=None),
+            data=tuning_sample(data, settings.tune_max_rows, settings.tune_seed),
             parent_run_id=parent_run_id,
             experiment_id=experiment_id,
             settings=trial_settings,
         ),
-        {"cpu": 1},
+        {"cpu": settings.tune_trial_cpus},
     )
     tune_config = tune.TuneConfig(
         metric=TARGET,
