@@ -222,7 +222,9 @@ def reference_app(settings: Settings):
     client = MlflowClient(settings.mlflow_uri)
     production = registry.version_by_alias(client, settings.registered_model_name, registry.PRODUCTION)
     loaded = registry.load_version(client, settings.registered_model_name, production.version)
-    same_encoders = settings.model_copy(update={"encoder_threads": settings.serve_encoder_threads})
+    # One intra-op thread per call, whatever Serve's encoders use: FastAPI's parallelism is its thread pool
+    # (several requests at once), and more threads per call would make them fight over the 2 cores.
+    same_encoders = settings.model_copy(update={"encoder_threads": 1})
     text_encoder, image_encoder = build_text_encoder(same_encoders), build_image_encoder(same_encoders)
     text_dim, image_dim = input_dims(loaded.card)
 

@@ -242,7 +242,9 @@ class Settings(BaseSettings):
     serve_encoder_cpus: float = 0.25
     serve_model_cpus: float = 0.1
     serve_encoder_threads: int = Field(
-        1, description="Intra-op threads of a serving encoder (2 spin against the proxy on 2 cores)."
+        1,
+        description="Intra-op threads of a serving encoder (2 were slower beside Ray's Python proxy on 2 "
+        "cores; not yet re-measured with HAProxy).",
     )
     serve_lean_runtime: bool = Field(
         True,

@@ -1,4 +1,4 @@
-"""Choosing the winning trial (pure: stand-ins for Ray Tune's results)."""
+"""Choosing the winning trial (pure: stand-ins for Ray Tune's results) and the trials' sample."""
 
 from __future__ import annotations
 
