@@ -16,10 +16,10 @@ object-store spill and the bytes in the lake. Generated ZIPs are kept under ``st
 seed, same bytes) so a re-run skips generation.
 
 The embed limit (same run, after the pipeline, Serve idle beside it as during the job): the shipped
-encoders in a tight loop on as many processes as the embed job ran actors, each with the job's threads per
-actor, on the first ``--limit-products`` products of the ZIP with the images already in memory as bytes
-(decoded and resized inside the encoder, as in the job); no Ray, no S3, no Parquet; models loaded before
-the clock starts. Targets (issue 22) are printed with ✓/✗.
+encoders in a tight loop on as many processes as the embed job ran lanes (actors × lanes per actor), each
+with one lane's intra-op threads, on the first ``--limit-products`` products of the ZIP with the images
+already in memory as bytes (decoded and resized inside the encoder, as in the job); no Ray, no S3, no
+Parquet; models loaded before the clock starts. Targets (issue 22) are printed with ✓/✗.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def drop(settings: Settings, zip_path: Path, sampler: MemorySampler, label: str,
             "spilled": None if spill0 is None or spill1 is None else spill1 - spill0}  # fmt: skip
 
 
-# --- the embed limit: the encoders on as many processes as the job's actors --------------------------
+# --- the embed limit: the encoders on as many processes as the job's lanes ---------------------------
 
 
 def limit_inputs(zip_path: Path, products: int, settings: Settings) -> tuple[list[str], list[bytes]]:
@@ -294,9 +294,9 @@ def run_size(settings: Settings, fraction: float, args, zips: Path, sampler: Mem
     runs.append(drop(settings, unlabelled, sampler, f"{n} unlabelled", args.timeout_s))
     embed = runs[0]["stages"]["embed"]["result"]
     sampler.phase = f"{n} limit"
-    limit = embed_limit(
-        settings, labelled, min(args.limit_products, n), embed["actors"], embed["threads_per_actor"]
-    )
+    # One single-thread process per thread the job ran (its actors × their one-thread lanes).
+    processes = embed["actors"] * embed["threads_per_actor"] // settings.encoder_threads
+    limit = embed_limit(settings, labelled, min(args.limit_products, n), processes, settings.encoder_threads)
     sampler.phase = "idle"
     return {"products": n, "generated": generated, "runs": runs, "lake": lake, "limit": limit}
 

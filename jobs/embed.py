@@ -62,7 +62,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
         # writes the block as one Parquet file under the run's prefix, so no stage moves embeddings.
         .map_batches(
             EncoderWorker,
-            fn_constructor_args=(settings.model_copy(update={"encoder_threads": plan.threads}), prefix),
+            fn_constructor_args=(settings, prefix, plan.lanes),
             # A fixed pool, sized from the CPUs free now: with room to shrink, Ray Data's autoscaler cuts
             # it to its own per-operator CPU budget (1 of 2 actors on 2 cores: half the speed).
             compute=ray.data.ActorPoolStrategy(size=plan.actors),
@@ -74,7 +74,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
     )
     seconds = time.monotonic() - started
     embed_run.text_dim, embed_run.image_dim = catalogue.text_id.dim, catalogue.image_id.dim
-    embed_run.actors, embed_run.threads_per_actor = plan.actors, plan.threads
+    embed_run.actors, embed_run.threads_per_actor = plan.actors, plan.lanes * settings.encoder_threads
     embed_run.batch_size, embed_run.files = settings.embed_batch_size, len(written)
     embed_run.seconds, embed_run.items_per_s = round(seconds, 2), round(len(todo) / seconds, 1)
     return commit_run(client, settings, embed_run, sum(block["rows"] for block in written))

@@ -62,15 +62,23 @@ def _apply_batch_config(method: Any, config: dict) -> None:
 
 
 class _Batched:
-    """Shared by the batched deployments: one compute thread per replica.
+    """Shared by the batched deployments: compute threads, one batch each.
 
-    Compute runs in the thread so the replica's event loop keeps queueing the next batch.
+    Compute runs in threads so the replica's event loop keeps queueing the next batch.
     """
 
     _executor: ThreadPoolExecutor
 
-    def _start_executor(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
+    def _start_executor(self, threads: int = 1) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="compute")
+
+    def _batch_in_flight(self, groups_fn, settings: Settings):
+        """``groups_fn`` as this replica's ``@serve.batch`` method, computing
+        ``serve_encoder_batches_in_flight`` batches at once on as many threads."""
+        in_flight = settings.serve_encoder_batches_in_flight
+        self._start_executor(in_flight)
+        # Built per replica, not decorated on the class: the decorator's concurrency comes from Settings.
+        return serve.batch(max_concurrent_batches=in_flight)(groups_fn)
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -89,7 +97,7 @@ class TextEncoder(_Batched):
         from lib.features.encoders import build_text_encoder
 
         self.encoder = build_text_encoder(_encoder_settings(settings))
-        self._start_executor()
+        self.encode = self._batch_in_flight(self._encode_groups, settings)
 
     def reconfigure(self, config: dict) -> None:
         _apply_batch_config(self.encode, config)
@@ -97,8 +105,7 @@ class TextEncoder(_Batched):
     def encoder_id(self) -> str:
         return self.encoder.id.key
 
-    @serve.batch
-    async def encode(self, groups: list[list[str]]) -> list[list[np.ndarray]]:
+    async def _encode_groups(self, groups: list[list[str]]) -> list[list[np.ndarray]]:
         rows = await self._compute(self.encoder.encode, [t for g in groups for t in g])
         return logic.split_groups(rows, [len(g) for g in groups])
 
@@ -112,7 +119,7 @@ class ImageEncoder(_Batched):
         from lib.features.encoders import build_image_encoder
 
         self.encoder = build_image_encoder(_encoder_settings(settings))
-        self._start_executor()
+        self.encode = self._batch_in_flight(self._encode_groups, settings)
 
     def reconfigure(self, config: dict) -> None:
         _apply_batch_config(self.encode, config)
@@ -120,8 +127,7 @@ class ImageEncoder(_Batched):
     def encoder_id(self) -> str:
         return self.encoder.id.key
 
-    @serve.batch
-    async def encode(self, groups: list[list[bytes]]) -> list[list[np.ndarray | str]]:
+    async def _encode_groups(self, groups: list[list[bytes]]) -> list[list[np.ndarray | str]]:
         flat = [image for g in groups for image in g]
         rows = await self._compute(logic.encode_isolating, self.encoder.encode, flat)
         return logic.split_groups(rows, [len(g) for g in groups])

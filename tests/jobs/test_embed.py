@@ -78,7 +78,7 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     third = embed_job.run(stack)
     assert third.encoded == 1
     assert third.actors == 1  # one product is less than a batch: no second actor to start for nothing
-    assert third.threads_per_actor == 2  # ...and the lone actor uses both cores
+    assert third.threads_per_actor == 2  # ...and the lone actor uses both cores (two one-thread lanes)
     current = lake.current_products(s3, stack)
     assert (
         current.loc[current["productid"] == changed, "designation_clean"].item()
@@ -87,13 +87,13 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
 
 
 def test_encoder_pool_fits_what_is_free_now():
-    from lib.features.embed import encoder_threads, plan_encoder_pool
+    from lib.features.embed import encoder_lanes, plan_encoder_pool
 
     assert plan_encoder_pool(2, 2, 1.0, 0.5) == (1, 1.0)
-    # Threads per actor cover the node's cores: 1 actor on 2 cores → 2 threads, 2 → 1, 4 on 2 nodes → 1.
-    threads = [encoder_threads(2, 1, 1, 1), encoder_threads(2, 1, 2, 1), encoder_threads(4, 2, 4, 1)]
-    assert threads == [2, 1, 1]
-    assert encoder_threads(2, 1, 2, 3) == 3  # never below the configured number
+    # Lanes per actor cover the node's cores: 1 actor on 2 cores → 2 lanes, 2 → 1, 4 on 2 nodes → 1.
+    lanes = [encoder_lanes(2, 1, 1, 1), encoder_lanes(2, 1, 2, 1), encoder_lanes(4, 2, 4, 1)]
+    assert lanes == [2, 1, 1]
+    assert encoder_lanes(2, 1, 1, 2) == 1 and encoder_lanes(2, 1, 2, 3) == 1  # threads per lane count
     assert plan_encoder_pool(2, 2, 0.75, 0.5) == (2, 0.75)
     assert plan_encoder_pool(4, 4, 1.0, 0.5) == (3, 1.0)
     # Serve holds 0.7 CPU of 2: a 1-CPU actor plus the other tasks would never be scheduled.

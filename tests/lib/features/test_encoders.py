@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,17 @@ def test_lite0_onnx_matches_torch(
     assert torch_out.shape == onnx_out.shape
     assert float(np.abs(onnx_out - torch_out).max()) < 1e-4
     assert lite0_torch.encode([]).shape == (0, 1280)
+
+
+def test_encoders_give_the_same_rows_from_concurrent_lanes(cache_dir: Path, images: list[bytes]) -> None:
+    """Embedding and serving call one encoder from several one-thread lanes at once."""
+    for encoder, items in ((UseM3TextEncoder(1), TEXTS), (EfficientNetLite0Onnx(cache_dir, 1), images)):
+        batches = [items[i:] + items[:i] for i in range(len(items))] * 4  # different batches in flight
+        serial = [encoder.encode(batch) for batch in batches]
+        with ThreadPoolExecutor(2) as lanes:
+            concurrent = list(lanes.map(encoder.encode, batches))
+        for one, other in zip(serial, concurrent, strict=True):
+            np.testing.assert_array_equal(one, other)
 
 
 def test_lite0_onnx_export_is_cached(lite0_onnx: EfficientNetLite0Onnx, cache_dir: Path) -> None:
