@@ -41,6 +41,10 @@ MODEL_NOT_LOADED = "no production model loaded yet"
 INGRESS_BATCHES_IN_FLIGHT = 4
 RETRY_FIRST_DELAY_S, RETRY_MAX_DELAY_S = 0.1, 2.0
 INNER_DEPLOYMENTS = ("TextEncoder", "ImageEncoder", "FusionModel")
+# An image batch is split over the lanes no other batch holds, down to this many images per chunk: the
+# image encoder's cost per image does not fall with the batch size (unlike the text encoder's), so at low
+# load splitting cuts latency; under load every lane has its own batch and nothing is split.
+IMAGE_CHUNK_MIN = 2
 # Histogram buckets of the custom metrics (Ray's metrics endpoint).
 LATENCY_BUCKETS_MS = [5, 10, 25, 50, 100, 150, 250, 500, 1000, 2500, 5000, 10000]
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -68,6 +72,7 @@ class _Batched:
     """
 
     _executor: ThreadPoolExecutor
+    _lanes: int = 1
 
     def _start_executor(self, threads: int = 1) -> None:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="compute")
@@ -75,7 +80,7 @@ class _Batched:
     def _batch_in_flight(self, groups_fn, settings: Settings):
         """``groups_fn`` as this replica's ``@serve.batch`` method, computing
         ``serve_encoder_batches_in_flight`` batches at once on as many threads."""
-        in_flight = settings.serve_encoder_batches_in_flight
+        in_flight = self._lanes = settings.serve_encoder_batches_in_flight
         self._start_executor(in_flight)
         # Built per replica, not decorated on the class: the decorator's concurrency comes from Settings.
         return serve.batch(max_concurrent_batches=in_flight)(groups_fn)
@@ -120,6 +125,7 @@ class ImageEncoder(_Batched):
 
         self.encoder = build_image_encoder(_encoder_settings(settings))
         self.encode = self._batch_in_flight(self._encode_groups, settings)
+        self._batches_computing = 0
 
     def reconfigure(self, config: dict) -> None:
         _apply_batch_config(self.encode, config)
@@ -129,8 +135,16 @@ class ImageEncoder(_Batched):
 
     async def _encode_groups(self, groups: list[list[bytes]]) -> list[list[np.ndarray | str]]:
         flat = [image for g in groups for image in g]
-        rows = await self._compute(logic.encode_isolating, self.encoder.encode, flat)
-        return logic.split_groups(rows, [len(g) for g in groups])
+        idle_lanes = max(self._lanes - self._batches_computing, 1)  # this batch's lane included
+        chunks = logic.split_groups(flat, logic.chunk_sizes(len(flat), idle_lanes, IMAGE_CHUNK_MIN))
+        self._batches_computing += 1  # the event loop's thread only: no lock
+        try:
+            parts = await asyncio.gather(
+                *(self._compute(logic.encode_isolating, self.encoder.encode, chunk) for chunk in chunks)
+            )
+        finally:
+            self._batches_computing -= 1
+        return logic.split_groups([row for part in parts for row in part], [len(g) for g in groups])
 
 
 @serve.deployment

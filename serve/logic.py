@@ -292,6 +292,14 @@ def split_groups(rows: Sequence, sizes: Sequence[int]) -> list[list]:
     return out
 
 
+def chunk_sizes(items: int, parts: int, min_size: int) -> list[int]:
+    """Sizes of up to ``parts`` near-equal consecutive chunks of ``items``, none below ``min_size`` (one
+    chunk when there are too few items to split)."""
+    parts = max(1, min(parts, items // max(min_size, 1)))
+    base, extra = divmod(items, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
 def align_group(metas: Sequence[dict], texts: Sequence | None, images: Sequence | None) -> tuple[list, list]:
     """Per-item text and image vectors of one group (None for a missing modality).
 

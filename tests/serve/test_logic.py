@@ -163,6 +163,13 @@ def test_groups_are_split_and_aligned_back():
     assert logic.align_group(metas[:1], ["t0"], None) == (["t0"], [None])
 
 
+def test_a_batch_is_chunked_over_the_lanes_but_not_below_the_minimum():
+    assert logic.chunk_sizes(9, 2, 2) == [5, 4]
+    assert logic.chunk_sizes(3, 2, 2) == [3]  # two chunks would leave one below the minimum
+    assert logic.chunk_sizes(4, 2, 2) == [2, 2]
+    assert logic.chunk_sizes(0, 2, 2) == [0] and logic.chunk_sizes(7, 1, 2) == [7]
+
+
 def test_batch_user_configs():
     from serve.app import INNER_DEPLOYMENTS, batch_configs
 
