@@ -317,6 +317,9 @@ def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
             if result.get("phase_seconds"):  # the train stage's own split (lib.model.stage)
                 split = " · ".join(f"{k} {v:.0f}" for k, v in result["phase_seconds"].items())
                 rows.append([run["label"], f"  {stage} phases", split, "", "", result.get("retune", ""), ""])
+                peaks = " · ".join(f"{k} {v:.2f}" for k, v in result.get("phase_peak_gb", {}).items())
+                lanes = " · ".join(f"{k} {v:.0f}" for k, v in result.get("lane_seconds", {}).items())
+                rows.append([run["label"], f"  {stage} peak GB", peaks, "", "", f"lanes {lanes}", ""])
         spill = "n/a" if run["spilled"] is None else f"{run['spilled'] / 2**20:.0f} MiB"
         rows.append([run["label"], "upload → done", f"{run['wall_s']:.1f}", "", "", f"spilled {spill}", ""])
     return rows

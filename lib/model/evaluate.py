@@ -5,7 +5,7 @@ The test split is read only here, after tuning and early stopping (which see tra
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from mlflow import MlflowClient
@@ -44,6 +44,7 @@ class FittedHead:
     train_config: TrainConfig | None = None
     result: TrainResult | None = None
     ensemble: ExpertEnsemble | None = None  # the experts'
+    lane_seconds: dict[str, float] = field(default_factory=dict)  # the experts' fit: busy seconds per lane
 
 
 @dataclass
@@ -93,13 +94,14 @@ def fit_and_test_experts(
     """The experts fitted on train + val (fusion weights and calibration from out-of-fold scores), scored
     on test."""
     rows = np.flatnonzero(data.split != TEST)  # the folds read them in place: no copy of train + val
+    lanes: dict[str, float] = {}
     ensemble, calibration = fit_ensemble(
-        data.inputs(), data.y[rows], len(data.codes), config, folds, seed, workers, rows
+        data.inputs(), data.y[rows], len(data.codes), config, folds, seed, workers, rows, lanes
     )
     report, predicted = scored(
         ensemble.logits(data.inputs(data.split == TEST)), data.part(TEST)[2], calibration
     )
-    return FittedHead(report, predicted, ensemble=ensemble)
+    return FittedHead(report, predicted, ensemble=ensemble, lane_seconds=lanes)
 
 
 def expert_ablation(data: Dataset, head: FittedHead) -> dict[str, dict]:

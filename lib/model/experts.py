@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,9 +109,12 @@ def average_experts(folds: list[LinearExpert]) -> LinearExpert:
 
 
 def fit_lexical_expert(lexical: sp.csr_matrix, y: np.ndarray, n_classes: int, c: float) -> LinearExpert:
-    """The linear SVM on the TF-IDF rows (class-balanced: F1-macro weighs every class alike)."""
-    # liblinear reads float64: convert here so that the float32 rows and their float64 copy never coexist.
-    svm = LinearSVC(C=c, class_weight="balanced", random_state=0).fit(lexical.astype(np.float64), y)
+    """The linear SVM on the TF-IDF rows (class-balanced: F1-macro weighs every class alike).
+
+    liblinear reads float64: given float64 rows, no copy is made (a caller that slices float32 rows and
+    converts them in one expression frees the float32 slice before liblinear builds its own copy)."""
+    rows = lexical.astype(np.float64, copy=False)
+    svm = LinearSVC(C=c, class_weight="balanced", random_state=0).fit(rows, y)
     return LinearExpert.from_sklearn(svm, n_classes)
 
 
@@ -176,6 +180,7 @@ def out_of_fold(
     on_fold=None,
     workers: int = 1,
     rows: np.ndarray | None = None,
+    lane_seconds: dict[str, float] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, LinearExpert]]]:
     """Every row's expert log-probabilities from experts that did not see it (k-fold), and the k fold
     models.
@@ -185,17 +190,27 @@ def out_of_fold(
     after each fold, in order (Tune reports from it). With ``workers`` > 1, two threads (one BLAS thread
     each) train the folds: one the lexical experts, the other the dense ones. Two folds at once would hold
     two copies of the TF-IDF rows in liblinear's format, the largest thing in memory at full size.
+    ``lane_seconds``: if given, each lane's busy seconds are added to it ("lexical", "dense").
     """
     rows = np.arange(len(y)) if rows is None else rows
     parts = {name: np.zeros((len(y), n_classes), np.float32) for name in EXPERTS}
     done = np.zeros(len(y), bool)
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
+    busy = {} if lane_seconds is None else lane_seconds
+
     def lexical(fit: np.ndarray) -> dict[str, LinearExpert]:
-        return {"lexical": fit_lexical_expert(x.lexical[rows[fit]], y[fit], n_classes, config.lexical_c)}
+        started = time.monotonic()
+        fold_rows = x.lexical[rows[fit]].astype(np.float64)  # the float32 slice is freed here
+        fitted = {"lexical": fit_lexical_expert(fold_rows, y[fit], n_classes, config.lexical_c)}
+        busy["lexical"] = busy.get("lexical", 0.0) + time.monotonic() - started
+        return fitted
 
     def dense(fit: np.ndarray) -> dict[str, LinearExpert]:
-        return fit_dense_experts(x.text[rows[fit]], x.image[rows[fit]], y[fit], n_classes, config)
+        started = time.monotonic()
+        fitted = fit_dense_experts(x.text[rows[fit]], x.image[rows[fit]], y[fit], n_classes, config)
+        busy["dense"] = busy.get("dense", 0.0) + time.monotonic() - started
+        return fitted
 
     models = []
     with (
@@ -253,10 +268,12 @@ def fit_ensemble(
     seed: int,
     workers: int = 1,
     rows: np.ndarray | None = None,
+    lane_seconds: dict[str, float] | None = None,
 ) -> tuple[ExpertEnsemble, Calibration]:
     """The k fold models' experts averaged, fused by weights chosen on their out-of-fold scores, and the
-    calibration fitted on the same scores (``rows``, ``workers``: as ``out_of_fold``)."""
-    parts, models = out_of_fold(x, y, n_classes, config, folds, seed, workers=workers, rows=rows)
+    calibration fitted on the same scores (``rows``, ``workers``, ``lane_seconds``: as ``out_of_fold``)."""
+    parts, models = out_of_fold(x, y, n_classes, config, folds, seed, workers=workers, rows=rows,
+                                lane_seconds=lane_seconds)  # fmt: skip
     weights = choose_weights(parts, y)
     fitted = {name: [m[name] for m in models if name in m] for name in EXPERTS}
     experts = {name: average_experts(folds) for name, folds in fitted.items() if folds}

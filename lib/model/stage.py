@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -62,6 +63,9 @@ class TrainOutcome:
     lineage: dict = field(default_factory=dict)
     retune: str = ""  # full search or refit, and why (``decide_retune``)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # load, search, fit, register_promote
+    # This process's peak RSS (GB) by the end of each phase: the phase where it jumps is the one to shrink.
+    phase_peak_gb: dict[str, float] = field(default_factory=dict)
+    lane_seconds: dict[str, float] = field(default_factory=dict)  # the experts' fit: busy seconds per lane
 
     def summary(self) -> dict:
         """The JSON the pipeline record keeps."""
@@ -77,6 +81,8 @@ class TrainOutcome:
             "retune": self.retune,
             "tune_seconds": round(self.tune_seconds, 1),
             "phase_seconds": {k: round(v, 1) for k, v in self.phase_seconds.items()},
+            "phase_peak_gb": {k: round(v, 2) for k, v in self.phase_peak_gb.items()},
+            "lane_seconds": {k: round(v, 1) for k, v in self.lane_seconds.items()},
         }
 
 
@@ -88,12 +94,12 @@ def run_train_stage(
     max_epochs = max_epochs or settings.tune_max_epochs
     mlflow.set_tracking_uri(settings.mlflow_uri)
     client = MlflowClient(settings.mlflow_uri)
-    phases, started = {}, time.monotonic()
+    phases, peaks, started = {}, {}, time.monotonic()
     data, lineage = load_dataset(s3, settings)
     production, unchanged, retune = plan_training(settings, client, s3, data, force)
     if unchanged is not None:
         return unchanged
-    phases["load"] = time.monotonic() - started
+    phases["load"], peaks["load"] = time.monotonic() - started, peak_rss_gb()
 
     # Created here, in the driver, before any trial touches the tracking store (concurrent first use fails).
     experiment = mlflow.set_experiment(settings.mlflow_experiment)
@@ -105,13 +111,14 @@ def run_train_stage(
         best = search(settings, client, data, retune, parent.info.run_id, experiment.experiment_id,
                       trials, max_epochs)  # fmt: skip
         tune_seconds = phases["search"] = time.monotonic() - t0
+        peaks["search"] = peak_rss_gb()
         mlflow.log_params({f"best_{k}": v for k, v in best.config.items()})
         mlflow.log_metrics({"tune_seconds": tune_seconds, "trials_stopped_early": best.stopped_early})
         if best.trials:
             mlflow.log_metric("best_val_f1_macro", best.val_f1_macro)
         head, ablation = fit_best(settings, data, best, max_epochs)
         _log_evaluation(data, head, ablation)
-        phases["fit"] = time.monotonic() - t0 - tune_seconds
+        phases["fit"], peaks["fit"] = time.monotonic() - t0 - tune_seconds, peak_rss_gb()
         card = model_card(settings, data, lineage, head, sha, parent.info.run_id) | {
             "tune_config": best.config
         }
@@ -120,7 +127,10 @@ def run_train_stage(
         decision = promote_if_better(client, settings, data, version, candidate_f1, production)
         _log_decision(decision)
         phases["register_promote"] = time.monotonic() - t0 - tune_seconds - phases["fit"]
+        peaks["register_promote"] = peak_rss_gb()
         mlflow.log_metrics({f"seconds_{phase}": seconds for phase, seconds in phases.items()})
+        mlflow.log_metrics({f"peak_rss_gb_{phase}": gb for phase, gb in peaks.items()})
+        mlflow.log_metrics({f"fit_lane_seconds_{lane}": s for lane, s in head.lane_seconds.items()})
     return TrainOutcome(
         skipped=False,
         run_id=parent.info.run_id,
@@ -133,7 +143,14 @@ def run_train_stage(
         lineage=lineage,
         retune=f"{retune.kind}: {retune.reason}",
         phase_seconds=phases,
+        phase_peak_gb=peaks,
+        lane_seconds=head.lane_seconds,
     )
+
+
+def peak_rss_gb() -> float:
+    """This process's largest resident set so far, in GB (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def search(

@@ -274,3 +274,7 @@ def test_a_small_new_batch_refits_the_production_configuration_without_a_search(
     )
     assert trials == [] and out.best.config == card["tune_config"]  # the final fit is the one training
     assert client.get_run(out.run_id).data.params["retune"] == "refit"
+    # Each phase's peak RSS is recorded, never falling (a high-water mark), and logged with the run.
+    peaks = out.summary()["phase_peak_gb"]
+    assert list(peaks) == ["load", "search", "fit", "register_promote"] and 0 < peaks["load"] <= peaks["fit"]
+    assert client.get_run(out.run_id).data.metrics["peak_rss_gb_fit"] == out.phase_peak_gb["fit"]

@@ -43,6 +43,8 @@ def test_folds_fitted_on_threads_give_the_same_ensemble_as_one_by_one():
     for name, expert in serial.ensemble.experts.items():
         assert np.allclose(expert.coef, threaded.ensemble.experts[name].coef, atol=1e-5)
     assert np.array_equal(threaded.predicted, serial.predicted)
+    # Each lane's busy time is reported (the train stage logs it; bench_scale prints it).
+    assert set(threaded.lane_seconds) == {"lexical", "dense"} and min(threaded.lane_seconds.values()) > 0
 
 
 def test_the_ensemble_learns_and_its_ablation_has_every_row():
