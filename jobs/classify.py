@@ -54,15 +54,24 @@ def classify_stage(settings: Settings, client, batch_id: str) -> classify.Classi
     if done is not None and done.model_version == production.version:
         return done
     rows, without = classify.batch_rows(client, settings, batch_id)
-    size = settings.classify_block_rows
-    blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)] or [rows]
-    dataset = ray.data.from_pandas(blocks)
-    pool = ray.data.ActorPoolStrategy(size=max(1, min(settings.classify_actors, len(blocks))))
-    predictions = dataset.map_batches(
-        Classifier, fn_constructor_args=(settings, production.version), batch_size=None,
-        batch_format="pandas", compute=pool, num_cpus=settings.data_task_cpus,
-    ).to_pandas()  # fmt: skip
+    predictions = predict(settings, rows, production.version)
     return classify.commit(client, settings, batch_id, predictions, without, time.monotonic() - t0)
+
+
+def predict(settings: Settings, rows: pd.DataFrame, version: str) -> pd.DataFrame:
+    """``classify.classify_rows`` with model ``version`` over ``rows``: in this process up to
+    ``settings.classify_in_driver_max_rows`` rows, above that on a Ray Data actor pool (spread over the
+    cluster, one model load per actor)."""
+    if len(rows) <= settings.classify_in_driver_max_rows:
+        return Classifier(settings, version)(rows)
+    size = settings.classify_block_rows
+    blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)]
+    pool = ray.data.ActorPoolStrategy(size=max(1, min(settings.classify_actors, len(blocks))))
+    mapped = ray.data.from_pandas(blocks).map_batches(
+        Classifier, fn_constructor_args=(settings, version), batch_size=None, batch_format="pandas",
+        compute=pool, num_cpus=settings.data_task_cpus,
+    )  # fmt: skip
+    return mapped.to_pandas()
 
 
 def run(settings: Settings | None = None, zip_uri: str | None = None, batch_id: str | None = None):

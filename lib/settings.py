@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     )
     ingest_partition_size: int = Field(256, description="Image members per Ray Data ingest task.")
     upload_threads: int = Field(8, description="Concurrent S3 uploads inside one task.")
+    read_threads: int = Field(
+        8, description="Concurrent S3 reads of Parquet files (embeddings: one per block)."
+    )
 
     # --- encoders --------------------------------------------------------------------------------
     text_encoder: str = Field(
@@ -129,6 +132,11 @@ class Settings(BaseSettings):
         2, description="Ray Data actors of bulk classification (one model load each)."
     )
     classify_block_rows: int = Field(2048, description="Products per block of bulk classification.")
+    classify_in_driver_max_rows: int = Field(
+        20_000,
+        description="Batches up to this many products are classified in the job's own process: Ray Data's "
+        "start-up and a model load per actor cost more than the work (bench_scale). Above: the actor pool.",
+    )
 
     # --- orchestration -----------------------------------------------------------------------------
     watch_interval_s: float = Field(5.0, description="How often the watcher lists incoming/.")

@@ -149,30 +149,41 @@ def read_embeddings(
     """Committed embedding rows of the set, the latest run winning per embedding hash.
 
     With ``hashes``, only those rows, streamed a Parquet batch at a time: memory stays bounded by what
-    is kept, whatever the size of the files.
+    is kept, whatever the size of the files. Files are read ``settings.read_threads`` at a time: a run
+    writes one file per encoded block, and each costs S3 round trips more than decoding (1,622 files at
+    full size: 13,812 products' rows took 11 s one file at a time).
     """
     fs = arrow_fs(settings)
     wanted = None if hashes is None else pa.array(hashes, pa.string())
     read_columns = None if columns is None else list(dict.fromkeys(["embed_hash", *columns]))
-    tables = []
-    for run in committed_runs(client, settings, set_id):  # oldest first: later runs win below
-        path = f"{settings.bucket_lake}/{embedding_run_prefix(set_id, run['run_id'])}"
-        for info in fs.get_file_info(pa.fs.FileSelector(path)):
-            if not info.path.endswith(".parquet"):
-                continue
-            if wanted is None:
-                tables.append(pq.read_table(info.path, filesystem=fs, columns=read_columns))
-                continue
-            with fs.open_input_file(info.path) as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(STREAM_BATCH_ROWS, columns=read_columns):
-                    kept = batch.filter(pc.is_in(batch.column("embed_hash"), value_set=wanted))
-                    if kept.num_rows:
-                        tables.append(pa.Table.from_batches([kept]))
+    paths = [
+        info.path
+        for run in committed_runs(client, settings, set_id)  # oldest first: later runs win below
+        for info in fs.get_file_info(pa.fs.FileSelector(f"{settings.bucket_lake}/"
+                                                        f"{embedding_run_prefix(set_id, run['run_id'])}"))
+        if info.path.endswith(".parquet")
+    ]  # fmt: skip
+    with ThreadPoolExecutor(settings.read_threads) as pool:  # map keeps the files' order
+        found = pool.map(lambda path: _read_embedding_file(fs, path, read_columns, wanted), paths)
+        tables = [table for tables in found for table in tables]
     if not tables:
         return pd.DataFrame(columns=read_columns or ["embed_hash"])
     frame = pa.concat_tables(tables, promote_options="default").to_pandas()
     frame = frame.drop_duplicates("embed_hash", keep="last").reset_index(drop=True)
     return frame if columns is None else frame[columns]
+
+
+def _read_embedding_file(fs, path: str, columns: list[str] | None, wanted: pa.Array | None) -> list[pa.Table]:
+    """One embedding file's rows (only those whose hash is in ``wanted``, unless it is None)."""
+    if wanted is None:
+        return [pq.read_table(path, filesystem=fs, columns=columns)]
+    kept_tables = []
+    with fs.open_input_file(path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(STREAM_BATCH_ROWS, columns=columns):
+            kept = batch.filter(pc.is_in(batch.column("embed_hash"), value_set=wanted))
+            if kept.num_rows:
+                kept_tables.append(pa.Table.from_batches([kept]))
+    return kept_tables
 
 
 def to_matrix(column: pd.Series, dim: int) -> np.ndarray:

@@ -10,13 +10,13 @@ registry artifact cannot run code when loaded.
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from lib.data.text import TITLE_SEPARATOR
 from lib.settings import Settings
@@ -142,7 +142,8 @@ def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, lis
 
     preprocess, analyze = vectorizer.build_preprocessor(), None
     vocabulary = vectorizer.vocabulary_
-    indices, indptr = [], [0]
+    # 4 bytes per n-gram occurrence: a list holds an 8-byte pointer each, twice that (tens of millions here)
+    indices, indptr = array("i"), [0]
     for text in texts:
         for word in preprocess(text).split():
             columns = word_columns.get(word)
@@ -154,7 +155,7 @@ def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, lis
             indices.extend(columns)
         indptr.append(len(indices))
     counts = sp.csr_matrix(
-        (np.ones(len(indices), np.float32), np.asarray(indices, np.int32), np.asarray(indptr, np.int64)),
+        (np.ones(len(indices), np.float32), np.frombuffer(indices, np.int32), np.asarray(indptr, np.int64)),
         shape=(len(texts), len(vocabulary)),
     )
     counts.sum_duplicates()  # repeated n-grams add up; indices sorted, as scikit-learn's
@@ -163,21 +164,3 @@ def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, lis
         counts.data += 1.0
     counts.data *= vectorizer.idf_[counts.indices]
     return normalize(counts, norm=vectorizer.norm, copy=False)
-
-
-@dataclass
-class SparseBatch:
-    """CSR rows as ``nn.EmbeddingBag`` inputs: a weighted sum of projection rows per product."""
-
-    indices: torch.Tensor  # (nnz,) int64 column ids
-    offsets: torch.Tensor  # (n,) int64 start of each row in ``indices``
-    weights: torch.Tensor  # (nnz,) float32 TF-IDF values
-
-    @classmethod
-    def from_csr(cls, rows: sp.csr_matrix) -> SparseBatch:
-        rows = rows.tocsr()
-        return cls(
-            torch.from_numpy(rows.indices.astype(np.int64)),
-            torch.from_numpy(rows.indptr[:-1].astype(np.int64)),
-            torch.from_numpy(rows.data.astype(np.float32)),
-        )

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lib.features.lexical import IDF_FILE, VOCABULARY_FILE, LexicalFeatures
+from lib.model.calibration import Calibration
 from lib.model.experts import EXPERTS_FILE, FUSION_FILE, ExpertEnsemble, Inputs
-from lib.model.network import Calibration, FusionConfig, MultimodalMLP, predict_logits
+
+if TYPE_CHECKING:
+    from lib.model.network import MultimodalMLP
 
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "card.json"
@@ -28,6 +31,8 @@ def reads_text(card: dict) -> bool:
     """Whether the head reads the product text (a TF-IDF block) besides the embeddings."""
     if "reads_text" in card:
         return bool(card["reads_text"])
+    from lib.model.network import FusionConfig  # lazy: torch (~0.7 GB resident) only for MLP cards
+
     return FusionConfig.from_dict(card["model_config"]).uses_lexical  # cards written before experts
 
 
@@ -51,7 +56,6 @@ class LoadedModel:
     def codes(self) -> list[int]:
         return self.card["codes"]
 
-    @torch.no_grad()
     def logits(self, text: np.ndarray, image: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
         """(n, n_classes) logits from the embeddings and, for a lexical head, the products' texts."""
         rows = None
@@ -61,6 +65,8 @@ class LoadedModel:
             rows = self.lexical.transform(texts)
         if self.ensemble is not None:
             return self.ensemble.logits(Inputs(rows, text, image))
+        from lib.model.network import predict_logits  # lazy: torch, only an MLP head predicts with it
+
         return predict_logits(self.model, text, image, rows)
 
     def probabilities(
@@ -86,6 +92,8 @@ def write_model_dir(
     if ensemble is not None:
         ensemble.save(path)
     else:
+        import torch  # lazy: ~0.7 GB resident; only an MLP head has a state dict to save
+
         torch.save(state_dict, path / WEIGHTS_FILE)
     (path / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
     if reads_text(card):  # a head without text carries no vocabulary, and its pyfunc takes no text
@@ -107,6 +115,10 @@ def read_model_dir(path: Path, version: str | None = None) -> LoadedModel:
     lexical = LexicalFeatures.load(directory) if reads_text(card) else None
     if card.get("head_kind") == EXPERTS_KIND:
         return LoadedModel(None, card, version, lexical, ExpertEnsemble.load(directory))
+    import torch  # lazy: ~0.7 GB resident; the experts head (the default) never needs it
+
+    from lib.model.network import FusionConfig, MultimodalMLP
+
     model = MultimodalMLP(FusionConfig.from_dict(card["model_config"]))
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))
     return LoadedModel(model.eval(), card, version, lexical)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 
 from lib.data.text import lexical_text
@@ -108,6 +109,25 @@ def load_dataset(client, settings: Settings) -> tuple[Dataset, dict]:
 
     With ``settings.lexical_enabled``, the TF-IDF block is fitted on the training split and added.
     """
+    data, lineage = _embedded_dataset(client, settings)
+    # The catalogue's frames and the embeddings' Arrow buffers are freed by now; Arrow's allocator keeps
+    # freed pages for reuse unless told: hand them back before the TF-IDF fit, the load's largest moment.
+    pa.default_memory_pool().release_unused()
+    if settings.lexical_enabled and len(data.y):
+        data = with_lexical(data, LexicalSpec.from_settings(settings))
+    counts = pd.Series(data.y).value_counts()
+    lineage |= {
+        "class_counts": {str(data.codes[i]): int(n) for i, n in counts.sort_index().items()},
+        "imbalance_ratio": float(counts.max() / counts.min()) if len(counts) else 0.0,
+        "split_counts": data.counts(),
+        "data_fingerprint": data.fingerprint,
+        "lexical_dim": data.lexical_dim,
+    }
+    return data, lineage
+
+
+def _embedded_dataset(client, settings: Settings) -> tuple[Dataset, dict]:
+    """The dataset without its TF-IDF block, and the lineage of the catalogue it came from."""
     catalogue = current_catalogue(client, settings)
     joined = catalogue.embedded(client, settings, ["text_emb", "image_emb"])
     # The TF-IDF block reads the whole title + description, not the encoder's shortened text.
@@ -124,9 +144,6 @@ def load_dataset(client, settings: Settings) -> tuple[Dataset, dict]:
     data = build_dataset(
         joined, text_id.dim, image_id.dim, settings.split_seed, settings.val_fraction, settings.test_fraction
     )
-    if settings.lexical_enabled and len(data.y):
-        data = with_lexical(data, LexicalSpec.from_settings(settings))
-    counts = pd.Series(data.y).value_counts()
     lineage = {
         "encoder_set_id": catalogue.set_id,
         "text_encoder": text_id.key,
@@ -136,10 +153,5 @@ def load_dataset(client, settings: Settings) -> tuple[Dataset, dict]:
         "batch_ids": catalogue.batch_ids,
         "products": len(data.y),
         "products_without_embedding": int(catalogue.inputs["prdtypecode"].notna().sum()) - len(data.y),
-        "class_counts": {str(data.codes[i]): int(n) for i, n in counts.sort_index().items()},
-        "imbalance_ratio": float(counts.max() / counts.min()) if len(counts) else 0.0,
-        "split_counts": data.counts(),
-        "data_fingerprint": data.fingerprint,
-        "lexical_dim": data.lexical_dim,
     }
     return data, lineage

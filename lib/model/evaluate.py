@@ -6,6 +6,7 @@ The test split is read only here, after tuning and early stopping (which see tra
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mlflow import MlflowClient
@@ -13,20 +14,16 @@ from mlflow import MlflowClient
 from lib.features.encoders import encoder_ids, encoder_set_id
 from lib.model import metrics, registry
 from lib.model.artifact import LoadedModel
+from lib.model.calibration import Calibration, fit_calibration, softmax
 from lib.model.dataset import Dataset
 from lib.model.experts import ExpertConfig, ExpertEnsemble, expert_log_probs, fit_ensemble
-from lib.model.network import (
-    Calibration,
-    FusionConfig,
-    fit_calibration,
-    load_trained,
-    predict_logits,
-    softmax,
-)
 from lib.model.split import TEST, VAL
-from lib.model.train import TrainConfig, TrainResult, configs_from_trial, train_model
 from lib.model.tune import DEFAULT_TRIAL
 from lib.settings import Settings
+
+if TYPE_CHECKING:  # the fusion MLP's types: torch (~0.7 GB resident) is imported only to train or run one
+    from lib.model.network import FusionConfig
+    from lib.model.train import TrainConfig, TrainResult
 
 
 @dataclass
@@ -66,6 +63,8 @@ def test_report(data: Dataset, model) -> tuple[dict, np.ndarray]:
 
     The calibration is fitted on the validation split.
     """
+    from lib.model.network import predict_logits  # lazy: torch, only the MLP head needs it
+
     val_text, val_image, y_val = data.part(VAL)
     text, image, _ = data.part(TEST)
     calibration = fit_calibration(predict_logits(model, val_text, val_image, data.lexical_part(VAL)), y_val)
@@ -125,6 +124,9 @@ def expert_ablation(data: Dataset, head: FittedHead) -> dict[str, dict]:
 
 def fit_and_test(data: Dataset, config: dict, base: TrainConfig, modality: str = "fusion") -> FittedHead:
     """Train one configuration on train (early stopping on val) and score the test split."""
+    from lib.model.network import load_trained  # lazy: torch, only the MLP head needs it
+    from lib.model.train import configs_from_trial, train_model
+
     model_config, train_config = configs_from_trial(
         config, data.text.shape[1], data.image.shape[1], len(data.codes), base, modality, data.lexical_dim
     )

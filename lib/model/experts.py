@@ -30,8 +30,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 from threadpoolctl import threadpool_limits
 
+from lib.model.calibration import Calibration, fit_calibration, log_softmax
 from lib.model.metrics import summary
-from lib.model.network import Calibration, fit_calibration, log_softmax
 
 EXPERTS = ("lexical", "text", "image")
 EXPERTS_FILE = "experts.npz"
@@ -40,6 +40,11 @@ FUSION_FILE = "fusion.json"
 # and scales of the SVM's margins before their softmax.
 WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0, 3.0)
 LEXICAL_SCALES = (3.0, 10.0, 30.0)
+# Stopping tolerance of the lexical SVM's dual coordinate descent. liblinear's own default is 0.1 and
+# scikit-learn's 1e-4. On the real sample (split seeds 0-4) the fitted ensemble at 1e-2 scores the same
+# test F1-macro as at 1e-4, to the last digit, with the lexical lane 38 % shorter (fewer passes over the
+# TF-IDF rows, the largest cost of the fit at full size).
+LEXICAL_SVM_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class ExpertConfig:
 
 def has_image(image: np.ndarray) -> np.ndarray:
     """Rows with an image embedding (a product without an image has a zero row)."""
-    return np.abs(image).sum(axis=1) > 0
+    return (image != 0).any(axis=1)  # a boolean temporary: a quarter of the float32 one np.abs makes
 
 
 @dataclass(frozen=True)
@@ -114,20 +119,24 @@ def fit_lexical_expert(lexical: sp.csr_matrix, y: np.ndarray, n_classes: int, c:
     liblinear reads float64: given float64 rows, no copy is made (a caller that slices float32 rows and
     converts them in one expression frees the float32 slice before liblinear builds its own copy)."""
     rows = lexical.astype(np.float64, copy=False)
-    svm = LinearSVC(C=c, class_weight="balanced", random_state=0).fit(rows, y)
+    svm = LinearSVC(C=c, class_weight="balanced", tol=LEXICAL_SVM_TOL, random_state=0).fit(rows, y)
     return LinearExpert.from_sklearn(svm, n_classes)
 
 
 def fit_dense_experts(
-    text: np.ndarray, image: np.ndarray, y: np.ndarray, n_classes: int, config: ExpertConfig
+    x: Inputs, rows: np.ndarray, y: np.ndarray, n_classes: int, config: ExpertConfig, with_image: np.ndarray
 ) -> dict[str, LinearExpert]:
-    """The text and image logistic regressions (the image one on the rows that have an image)."""
-    fitted = LogisticRegression(C=config.text_c, max_iter=2000, class_weight="balanced").fit(text, y)
+    """The text and image logistic regressions on ``rows`` of ``x`` (``y``: their labels), the image one
+    on those that have an image (``with_image``: ``x.has_image``, computed once by the caller).
+
+    Each input's rows are copied once, and the image rows only once they are known to have an image.
+    """
+    fitted = LogisticRegression(C=config.text_c, max_iter=2000, class_weight="balanced").fit(x.text[rows], y)
     out = {"text": LinearExpert.from_sklearn(fitted, n_classes)}
-    with_image = has_image(image)
-    if len(np.unique(y[with_image])) > 1:
+    keep = with_image[rows]
+    if len(np.unique(y[keep])) > 1:
         fitted = LogisticRegression(C=config.image_c, max_iter=2000, class_weight="balanced")
-        out["image"] = LinearExpert.from_sklearn(fitted.fit(image[with_image], y[with_image]), n_classes)
+        out["image"] = LinearExpert.from_sklearn(fitted.fit(x.image[rows[keep]], y[keep]), n_classes)
     return out
 
 
@@ -198,6 +207,7 @@ def out_of_fold(
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
     busy = {} if lane_seconds is None else lane_seconds
+    with_image = x.has_image
 
     def lexical(fit: np.ndarray) -> dict[str, LinearExpert]:
         started = time.monotonic()
@@ -208,7 +218,7 @@ def out_of_fold(
 
     def dense(fit: np.ndarray) -> dict[str, LinearExpert]:
         started = time.monotonic()
-        fitted = fit_dense_experts(x.text[rows[fit]], x.image[rows[fit]], y[fit], n_classes, config)
+        fitted = fit_dense_experts(x, rows[fit], y[fit], n_classes, config, with_image)
         busy["dense"] = busy.get("dense", 0.0) + time.monotonic() - started
         return fitted
 

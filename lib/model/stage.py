@@ -38,7 +38,6 @@ from lib.model.evaluate import (
 )
 from lib.model.experts import ExpertConfig
 from lib.model.split import TEST, TRAIN
-from lib.model.train import TrainConfig
 from lib.model.tune import TuneResult, close_stopped_trials, tune_head
 from lib.ops.provenance import git_sha
 from lib.settings import Settings
@@ -179,6 +178,8 @@ def fit_best(settings: Settings, data: Dataset, best: TuneResult, max_epochs: in
         config, folds = ExpertConfig(**best.config), settings.expert_folds
         head = fit_and_test_experts(data, config, folds, settings.tune_seed, settings.fit_threads)
         return head, expert_ablation(data, head)
+    from lib.model.train import TrainConfig  # lazy: torch (~0.7 GB resident), only for the MLP head
+
     base = TrainConfig(max_epochs=max_epochs, patience=settings.early_stop_patience, seed=settings.tune_seed)
     # Retrain the best configuration (seeded: the same run as the trial); calibrated on val.
     head = fit_and_test(data, best.config, base)

@@ -11,10 +11,9 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from lib.features.lexical import SparseBatch
 from lib.model.dataset import Dataset
 from lib.model.metrics import summary
-from lib.model.network import FusionConfig, MultimodalMLP
+from lib.model.network import FusionConfig, MultimodalMLP, SparseBatch
 from lib.model.split import TRAIN, VAL
 
 

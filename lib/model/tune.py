@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import optuna
-import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from ray import tune
@@ -27,7 +26,6 @@ from lib.model.dataset import Dataset
 from lib.model.experts import ExpertConfig, FusionWeights, choose_weights, out_of_fold
 from lib.model.metrics import summary
 from lib.model.split import TEST, stratified_subsample
-from lib.model.train import TrainConfig, configs_from_trial, train_model
 from lib.settings import Settings
 
 # F1-macro on rows the trial did not fit: the validation split (mlp) or out-of-fold train + val (experts).
@@ -142,6 +140,10 @@ def expert_trial_fn(
 
 def trial_fn(config: dict, data: Dataset, parent_run_id: str, experiment_id: str, settings: Settings) -> None:
     """One MLP trial: train with the sampled values, report every epoch to Tune and MLflow."""
+    import torch  # lazy: ~0.7 GB resident per trial process; an experts trial never needs it
+
+    from lib.model.train import TrainConfig, configs_from_trial, train_model
+
     torch.set_num_threads(1)  # trials run side by side; one thread each avoids oversubscription
     client = MlflowClient(settings.mlflow_uri)
     run_id = _trial_run(client, experiment_id, parent_run_id, config)

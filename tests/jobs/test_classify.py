@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import zipfile
 
+import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
@@ -44,6 +45,14 @@ def test_an_unlabelled_zip_gets_one_prediction_per_product_in_x_order_and_twice_
     assert list(submission.columns) == ["prdtypecode"] and list(submission.index) == sorted(x_index(data))
     codes = registry.load_version(MlflowClient(stack.mlflow_uri), stack.registered_model_name, version).codes
     assert set(submission["prdtypecode"]) <= set(codes)
+
+    # The actor pool (batches above classify_in_driver_max_rows) predicts what the job's process does.
+    rows, _ = classify.batch_rows(s3, stack, result.batch_id)
+    pooled = stack.model_copy(update={"classify_in_driver_max_rows": 0, "classify_block_rows": 50})
+    on_pool, in_driver = (classify_job.predict(s, rows, version).sort_values("row") for s in (pooled, stack))
+    assert list(on_pool["productid"]) == list(in_driver["productid"]) and len(on_pool) == 120
+    assert np.array_equal(np.stack(on_pool["top5_codes"]), np.stack(in_driver["top5_codes"]))
+    assert np.allclose(np.stack(on_pool["top5_scores"]), np.stack(in_driver["top5_scores"]), atol=1e-6)
 
     put_bytes(s3, stack.bucket_incoming, "catalogue-again.zip", data)
     again = classify_job.run(stack, zip_uri=f"s3://{stack.bucket_incoming}/catalogue-again.zip")

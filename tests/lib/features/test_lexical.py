@@ -6,7 +6,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from lib.features.lexical import LexicalFeatures, LexicalSpec, SparseBatch, analyzer_view
+from lib.features.lexical import LexicalFeatures, LexicalSpec, analyzer_view
+from lib.model.network import SparseBatch
 
 SPEC = LexicalSpec(word_ngrams=(1, 2), char_ngrams=(2, 4), min_df=1, max_features=5000)
 TRAIN_TEXTS = [

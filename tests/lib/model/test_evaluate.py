@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException, RestException
 
+from lib.model.calibration import fit_temperature, softmax
 from lib.model.evaluate import decide_promotion
 from lib.model.metrics import expected_calibration_error
-from lib.model.network import fit_temperature, softmax
 from lib.model.registry import version_by_alias
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 
 from lib.model.artifact import read_model_dir, write_model_dir
+from lib.model.calibration import Calibration
 from lib.model.dataset import Dataset, with_lexical
 from lib.model.evaluate import expert_ablation, fit_and_test_experts
 from lib.model.experts import ExpertConfig, FusionWeights, LinearExpert, average_experts, choose_weights
 from lib.model.metrics import expected_calibration_error
-from lib.model.network import Calibration
 from lib.model.split import TEST
+from lib.settings import PROJECT_ROOT
 from tests.lib.model.test_train import LEXICAL_SPEC, toy_dataset
 
 
@@ -104,3 +109,36 @@ def test_served_probabilities_are_the_calibrated_ones_the_report_scored():
     test = data.split == TEST
     probabilities = calibration.probabilities(head.ensemble.logits(data.inputs(test)))
     assert expected_calibration_error(probabilities, data.y[test]) == head.report["ece_after"]
+
+
+def test_training_saving_loading_and_serving_the_experts_never_import_torch():
+    # torch costs ~0.7 GB of resident memory in every process that imports it; only the MLP needs it.
+    script = textwrap.dedent("""
+        import sys, tempfile
+        from pathlib import Path
+        import numpy as np
+        import jobs.classify, jobs.pipeline, serve.app
+        from lib.features.lexical import LexicalSpec
+        from lib.model.artifact import read_model_dir, write_model_dir
+        from lib.model.dataset import Dataset, with_lexical
+        from lib.model.evaluate import fit_and_test_experts
+        from lib.model.experts import ExpertConfig
+        from lib.model.split import assign_splits
+        rng, n = np.random.default_rng(0), 150
+        y = np.arange(n) % 3
+        texts = np.array([f"{('rouge', 'vert', 'bleu')[k]} produit {i}" for i, k in enumerate(y)], object)
+        data = Dataset(rng.normal(size=(n, 8)).astype("float32") + y[:, None], rng.normal(size=(n, 6)).astype(
+            "float32"), y, assign_splits(np.arange(n), 0, 0.2, 0.2), np.arange(n), [10, 20, 30], texts=texts)
+        data = with_lexical(data, LexicalSpec((1, 1), (2, 3), 1, 1000))
+        head = fit_and_test_experts(data, ExpertConfig(), folds=3, seed=0, workers=2)
+        card = {"codes": data.codes, "head_kind": "experts", "reads_text": True, "temperature": 1.0,
+                "input_dims": {"text_dim": 8, "image_dim": 6}}
+        with tempfile.TemporaryDirectory() as tmp:
+            model = write_model_dir(Path(tmp), None, card, data.lexical_features, head.ensemble)
+            probabilities = read_model_dir(model).probabilities(data.text, data.image, list(data.texts))
+        assert probabilities.shape == (n, 3) and head.report["f1_macro"] > 0.5, head.report
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

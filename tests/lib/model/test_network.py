@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from lib.model.calibration import Calibration, fit_calibration, softmax
 from lib.model.metrics import expected_calibration_error
-from lib.model.network import Calibration, FusionConfig, MultimodalMLP, fit_calibration, softmax
+from lib.model.network import FusionConfig, MultimodalMLP
 from lib.model.train import TrainConfig, configs_from_trial
 from tests.lib.model.test_train import TRIAL
 
