@@ -27,7 +27,8 @@ from lib.settings import Settings, get_settings
 
 
 class Classifier:
-    """A Ray Data actor: the model version loaded once, then applied to each block of rows."""
+    """The model version loaded once, then applied to rows: in the job's process, or as a Ray Data actor
+    applied to each block (``predict``)."""
 
     def __init__(self, settings: Settings, version: str) -> None:
         client = MlflowClient(settings.mlflow_uri)

@@ -210,17 +210,11 @@ def out_of_fold(
     with_image = x.has_image
 
     def lexical(fit: np.ndarray) -> dict[str, LinearExpert]:
-        started = time.monotonic()
         fold_rows = x.lexical[rows[fit]].astype(np.float64)  # the float32 slice is freed here
-        fitted = {"lexical": fit_lexical_expert(fold_rows, y[fit], n_classes, config.lexical_c)}
-        busy["lexical"] = busy.get("lexical", 0.0) + time.monotonic() - started
-        return fitted
+        return {"lexical": fit_lexical_expert(fold_rows, y[fit], n_classes, config.lexical_c)}
 
     def dense(fit: np.ndarray) -> dict[str, LinearExpert]:
-        started = time.monotonic()
-        fitted = fit_dense_experts(x, rows[fit], y[fit], n_classes, config, with_image)
-        busy["dense"] = busy.get("dense", 0.0) + time.monotonic() - started
-        return fitted
+        return fit_dense_experts(x, rows[fit], y[fit], n_classes, config, with_image)
 
     models = []
     with (
@@ -229,7 +223,8 @@ def out_of_fold(
         threadpool_limits(1 if workers > 1 else None),
     ):
         dense_lane = dense_lane if workers > 1 else lexical_lane
-        lanes = [(lexical_lane.submit(lexical, fit), dense_lane.submit(dense, fit)) for fit, _ in splits]
+        lanes = [(lexical_lane.submit(_timed, busy, "lexical", lexical, fit),
+                  dense_lane.submit(_timed, busy, "dense", dense, fit)) for fit, _ in splits]  # fmt: skip
         for k, ((_, held_out), (first, second)) in enumerate(zip(splits, lanes, strict=True), start=1):
             model = first.result() | second.result()
             models.append(model)
@@ -240,6 +235,15 @@ def out_of_fold(
             if on_fold is not None:
                 on_fold(k, parts, done)
     return parts, models
+
+
+def _timed(busy: dict[str, float], lane: str, work, *args):
+    """``work(*args)``, its seconds added to ``busy[lane]`` (one thread per lane: no race on a key)."""
+    started = time.monotonic()
+    try:
+        return work(*args)
+    finally:
+        busy[lane] = busy.get(lane, 0.0) + time.monotonic() - started
 
 
 @dataclass
