@@ -1,8 +1,9 @@
 """The fusion head: an MLP over the concatenated [text ‖ image ‖ lexical] features, and its inference.
 
 Like nanoGPT's ``model.py``, this module owns the head's config, its construction from saved weights and
-its prediction; registry, pyfunc, monitor and Serve all predict through it. It imports no data or
-training code.
+its prediction; registry, pyfunc, monitor and Serve predict an MLP head through it (the calibration both
+heads share is ``lib.model.calibration``, so the default experts head never imports torch). It imports no
+data or training code.
 """
 
 from __future__ import annotations
