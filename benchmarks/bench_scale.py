@@ -314,6 +314,11 @@ def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
             rate = f"{count / seconds:.1f}" if count and seconds else "-"
             rows.append([run["label"], stage, f"{seconds:.1f}", "-" if count is None else count, rate,
                          f"{gb:.2f} ({kind})", f"{sampler.machine(phase):.2f}"])  # fmt: skip
+            if result.get("compact_seconds"):  # the embed stage: encoders, then the run's compaction
+                compact = result["compact_seconds"]
+                split = f"encode {result['seconds'] - compact:.0f} · compact {compact:.0f}"
+                files = f"{result['blocks']} blocks → {result['files']} files"
+                rows.append([run["label"], f"  {stage} phases", split, "", "", files, ""])
             if result.get("phase_seconds"):  # the train stage's own split (lib.model.stage)
                 split = " · ".join(f"{k} {v:.0f}" for k, v in result["phase_seconds"].items())
                 rows.append([run["label"], f"  {stage} phases", split, "", "", result.get("retune", ""), ""])

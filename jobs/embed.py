@@ -11,13 +11,14 @@ import time
 import ray
 
 from jobs.common import connect_ray, run_cli
-from lib.data.layout import embedding_run_prefix
+from lib.data.layout import embedding_run_blocks_prefix
 from lib.data.storage import s3_client
 from lib.features.catalogue import current_catalogue
 from lib.features.embed import (
     EmbedRun,
     EncoderWorker,
     commit_run,
+    compact_run,
     image_locations,
     new_run_id,
     plan_encoding,
@@ -54,15 +55,15 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
         sum(node["Alive"] for node in ray.nodes()),
     )
     embed_run.run_id = new_run_id()
-    prefix = embedding_run_prefix(catalogue.set_id, embed_run.run_id)
+    blocks_prefix = embedding_run_blocks_prefix(catalogue.set_id, embed_run.run_id)
     started = time.monotonic()
     written = (
         ray.data.from_pandas(plan.blocks)
         # Each actor fetches its block's images (ranged reads of the batch's ZIP; see ImageFetcher) and
-        # writes the block as one Parquet file under the run's prefix, so no stage moves embeddings.
+        # writes the block as one Parquet file below the run's blocks/ prefix: no stage moves embeddings.
         .map_batches(
             EncoderWorker,
-            fn_constructor_args=(settings, prefix, plan.lanes),
+            fn_constructor_args=(settings, blocks_prefix, plan.lanes),
             # A fixed pool, sized from the CPUs free now: with room to shrink, Ray Data's autoscaler cuts
             # it to its own per-operator CPU budget (1 of 2 actors on 2 cores: half the speed).
             compute=ray.data.ActorPoolStrategy(size=plan.actors),
@@ -72,12 +73,16 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
         )
         .take_all()
     )
+    compact_started = time.monotonic()
+    rows_per_file = compact_run(settings, catalogue.set_id, embed_run.run_id)
+    embed_run.compact_seconds = round(time.monotonic() - compact_started, 2)
     seconds = time.monotonic() - started
     embed_run.text_dim, embed_run.image_dim = catalogue.text_id.dim, catalogue.image_id.dim
     embed_run.actors, embed_run.threads_per_actor = plan.actors, plan.lanes * settings.encoder_threads
-    embed_run.batch_size, embed_run.files = settings.embed_batch_size, len(written)
+    embed_run.batch_size, embed_run.blocks = settings.embed_batch_size, len(written)
+    embed_run.files = len(rows_per_file)
     embed_run.seconds, embed_run.items_per_s = round(seconds, 2), round(len(todo) / seconds, 1)
-    return commit_run(client, settings, embed_run, sum(block["rows"] for block in written))
+    return commit_run(client, settings, embed_run, sum(rows_per_file))  # every block's rows, compacted
 
 
 def describe(m: EmbedRun) -> str:

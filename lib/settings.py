@@ -95,9 +95,7 @@ class Settings(BaseSettings):
     )
     ingest_partition_size: int = Field(256, description="Image members per Ray Data ingest task.")
     upload_threads: int = Field(8, description="Concurrent S3 uploads inside one task.")
-    read_threads: int = Field(
-        8, description="Concurrent S3 reads of Parquet files (embeddings: one per block)."
-    )
+    read_threads: int = Field(8, description="Concurrent S3 reads of Parquet files.")
 
     # --- encoders --------------------------------------------------------------------------------
     text_encoder: str = Field(
@@ -121,6 +119,14 @@ class Settings(BaseSettings):
     )
     embed_reserve_cpus: float = Field(
         0.5, description="CPUs left free beside the encoder actors for Ray Data's other tasks (no deadlock)."
+    )
+    embed_file_rows: int = Field(
+        65_536,
+        description="Rows per embedding file once a run is compacted (~270 MB): readers fetch a few large "
+        "objects instead of one per encoded block.",
+    )
+    embed_row_group_rows: int = Field(
+        4096, description="Rows per Parquet row group of an embedding file: what a reader of some rows skips."
     )
     embed_zip_max_gap_bytes: int = Field(
         1 << 20,

@@ -6,7 +6,8 @@ batches/<batch_id>/products.parquet            accepted products of the batch
 batches/<batch_id>/rejects.parquet             row, productid, reason, action, detail
 batches/<batch_id>/manifest.json               written last: its presence is the commit
 images/<sha256>.jpg                            each image stored once, by content
-embeddings/<set_id>/runs/<run_id>/*.parquet    embeddings + _manifest.json (the commit)
+embeddings/<set_id>/runs/<run_id>/*.parquet    embeddings (a few large files) + _manifest.json (the commit)
+embeddings/<set_id>/runs/<run_id>/blocks/      the encoders' per-block files, compacted then deleted
 pipeline/<batch_id>.json                       per-stage status of the batch's pipeline
 classified/<batch_id>/predictions.parquet      bulk classification of a batch, its submission.csv,
 classified/<batch_id>/manifest.json            and its manifest (written last: the commit)
@@ -74,6 +75,11 @@ def embedding_set_prefix(set_id: str) -> str:
 
 def embedding_run_prefix(set_id: str, run_id: str) -> str:
     return f"{embedding_set_prefix(set_id)}{run_id}/"
+
+
+def embedding_run_blocks_prefix(set_id: str, run_id: str) -> str:
+    """Where the encoder actors write a block each; readers never look below the run's own prefix."""
+    return f"{embedding_run_prefix(set_id, run_id)}blocks/"
 
 
 def embedding_run_manifest_key(set_id: str, run_id: str) -> str:

@@ -1,8 +1,9 @@
 """Embeddings of the current catalogue: what to encode, the encoder worker, and reading them back.
 
-Layout (``lib.data.layout``): one Parquet file per encoded block under the run's prefix, plus the run's
-manifest written last (the commit). A product is encoded again only when its embedding hash changes: the
-hash covers the text the encoder sees, the image bytes (their SHA-256) and the encoder ids.
+Layout (``lib.data.layout``): the encoder actors write one Parquet file per block below the run's
+``blocks/`` prefix; the driver then compacts them into a few large files under the run's prefix and
+writes the run's manifest last (the commit). A product is encoded again only when its embedding hash
+changes: the hash covers the text the encoder sees, the image bytes (their SHA-256) and the encoder ids.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lib.data import lake
 from lib.data.layout import (
     RUN_MANIFEST_FILE,
+    embedding_run_blocks_prefix,
     embedding_run_manifest_key,
     embedding_run_prefix,
     embedding_set_prefix,
 )
 from lib.data.storage import (
     arrow_fs,
+    delete_prefix,
     get_json,
     list_prefixes,
     put_json,
@@ -42,8 +46,8 @@ from lib.data.zip_reader import IMAGE_ZIP_COLUMNS, LOCATION_COLUMNS, read_member
 from lib.features.encoders import build_image_encoder, build_text_encoder
 from lib.settings import Settings
 
-# Rows per Parquet batch when reading a subset of embeddings: a few MB whatever the file size.
-STREAM_BATCH_ROWS = 1024
+# Name of a compacted embedding file; readers take every Parquet file directly under a run's prefix.
+COMPACTED_FILE_TEMPLATE = "embeddings-{i}.parquet"
 # Hex characters of a block file's name: unique among the blocks of a run.
 BLOCK_NAME_HEX_CHARS = 16
 # Columns the encoder worker needs from the product table.
@@ -148,21 +152,19 @@ def read_embeddings(
 ) -> pd.DataFrame:
     """Committed embedding rows of the set, the latest run winning per embedding hash.
 
-    With ``hashes``, only those rows, streamed a Parquet batch at a time: memory stays bounded by what
-    is kept, whatever the size of the files. Files are read ``settings.read_threads`` at a time: a run
-    writes one file per encoded block, and each costs S3 round trips more than decoding (1,622 files at
-    full size: 13,812 products' rows took 11 s one file at a time).
+    With ``hashes``, only those rows: each file's hash column is read first, then only the row groups
+    that hold a wanted row, one at a time, so memory stays bounded by what is kept and a file without
+    any is skipped for the price of its hash column. Files are read ``settings.read_threads`` at a time
+    (runs committed before compaction hold one file per encoded block).
     """
     fs = arrow_fs(settings)
     wanted = None if hashes is None else pa.array(hashes, pa.string())
     read_columns = None if columns is None else list(dict.fromkeys(["embed_hash", *columns]))
     paths = [
-        info.path
+        path
         for run in committed_runs(client, settings, set_id)  # oldest first: later runs win below
-        for info in fs.get_file_info(pa.fs.FileSelector(f"{settings.bucket_lake}/"
-                                                        f"{embedding_run_prefix(set_id, run['run_id'])}"))
-        if info.path.endswith(".parquet")
-    ]  # fmt: skip
+        for path in parquet_paths(fs, f"{settings.bucket_lake}/{embedding_run_prefix(set_id, run['run_id'])}")
+    ]
     with ThreadPoolExecutor(settings.read_threads) as pool:  # map keeps the files' order
         found = pool.map(lambda path: _read_embedding_file(fs, path, read_columns, wanted), paths)
         tables = [table for tables in found for table in tables]
@@ -173,17 +175,29 @@ def read_embeddings(
     return frame if columns is None else frame[columns]
 
 
+def parquet_paths(fs, directory: str) -> list[str]:
+    """The Parquet files directly under ``directory`` (``bucket/prefix``), sorted."""
+    infos = fs.get_file_info(pa.fs.FileSelector(directory, allow_not_found=True))
+    return sorted(info.path for info in infos if info.path.endswith(".parquet"))
+
+
 def _read_embedding_file(fs, path: str, columns: list[str] | None, wanted: pa.Array | None) -> list[pa.Table]:
     """One embedding file's rows (only those whose hash is in ``wanted``, unless it is None)."""
     if wanted is None:
         return [pq.read_table(path, filesystem=fs, columns=columns)]
-    kept_tables = []
     with fs.open_input_file(path) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(STREAM_BATCH_ROWS, columns=columns):
-            kept = batch.filter(pc.is_in(batch.column("embed_hash"), value_set=wanted))
-            if kept.num_rows:
-                kept_tables.append(pa.Table.from_batches([kept]))
-    return kept_tables
+        parquet = pq.ParquetFile(handle)
+        hashes = parquet.read(columns=["embed_hash"]).column("embed_hash")
+        keep = pc.is_in(hashes, value_set=wanted).to_numpy(zero_copy_only=False)
+        if not keep.any():
+            return []
+        group_rows = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        starts = np.cumsum([0, *group_rows])
+        return [
+            parquet.read_row_group(group, columns=columns).filter(keep[starts[group] : starts[group + 1]])
+            for group in range(parquet.num_row_groups)
+            if keep[starts[group] : starts[group + 1]].any()
+        ]
 
 
 def to_matrix(column: pd.Series, dim: int) -> np.ndarray:
@@ -286,7 +300,9 @@ class EmbedRun:
     actors: int = 0
     threads_per_actor: int = 0  # lanes × intra-op threads per lane
     batch_size: int = 0
-    files: int = 0
+    blocks: int = 0  # files the encoders wrote, one per block
+    files: int = 0  # files after compaction
+    compact_seconds: float = 0.0
     seconds: float = 0.0
     items_per_s: float = 0.0
     committed_at: str = ""
@@ -300,8 +316,41 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
+def compact_run(settings: Settings, set_id: str, run_id: str) -> list[int]:
+    """Rewrite a run's block files as files of ``settings.embed_file_rows`` rows; returns rows per file.
+
+    At full size the encoders write 1,622 blocks, and a reader pays S3 round trips per file more than
+    decoding. The rows are streamed (memory: a few row groups), in the blocks' sorted order.
+    """
+    fs = arrow_fs(settings)
+    blocks = parquet_paths(fs, f"{settings.bucket_lake}/{embedding_run_blocks_prefix(set_id, run_id)}")
+    if not blocks:
+        return []
+    rows_per_file: list[int] = []
+    ds.write_dataset(
+        ds.dataset(blocks, format="parquet", filesystem=fs),
+        f"{settings.bucket_lake}/{embedding_run_prefix(set_id, run_id)}".rstrip("/"),
+        basename_template=COMPACTED_FILE_TEMPLATE,
+        format="parquet",
+        filesystem=fs,
+        file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
+        max_rows_per_file=settings.embed_file_rows,
+        min_rows_per_group=settings.embed_row_group_rows,
+        max_rows_per_group=settings.embed_row_group_rows,
+        preserve_order=True,
+        existing_data_behavior="overwrite_or_ignore",  # a retried compaction overwrites its own files
+        create_dir=False,  # S3 has no directories: no empty marker object
+        file_visitor=lambda written: rows_per_file.append(written.metadata.num_rows),
+    )
+    return rows_per_file
+
+
 def commit_run(client, settings: Settings, run: EmbedRun, rows_written: int) -> EmbedRun:
-    """Write the run's manifest (readers only see runs that have one) once every product was written."""
+    """Write the run's manifest (readers only see runs that have one) once every product was written.
+
+    The per-block files, now compacted, are deleted after the commit: a crash before that leaves them
+    below ``blocks/``, where no reader looks.
+    """
     if rows_written != run.encoded:
         raise RuntimeError(
             f"the encoders wrote {rows_written} rows for {run.encoded} products in run {run.run_id}"
@@ -313,6 +362,7 @@ def commit_run(client, settings: Settings, run: EmbedRun, rows_written: int) -> 
         embedding_run_manifest_key(run.encoder_set_id, run.run_id),
         run.to_dict(),
     )
+    delete_prefix(client, settings.bucket_lake, embedding_run_blocks_prefix(run.encoder_set_id, run.run_id))
     return run
 
 

@@ -48,7 +48,11 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     catalogue = upload_sample(
         s3, stack, "e2.zip", drop_image_of=no_image, rename={}
     )  # same products, 1 image gone
-    first = embed_job.run(stack)
+    # Small blocks, files and row groups, so that compaction and the row-group skipping are exercised.
+    compacting = stack.model_copy(
+        update={"embed_batch_size": 8, "embed_file_rows": 25, "embed_row_group_rows": 8}
+    )
+    first = embed_job.run(compacting)
     assert first.encoded == len(catalogue) and first.cached == 0
 
     frame = read_embeddings(s3, stack, first.encoder_set_id)
@@ -61,12 +65,21 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     assert np.all(image[missing] == 0)
     assert np.allclose(np.linalg.norm(image[~missing], axis=1), 1, atol=1e-4)
     assert set(frame["text_encoder"]) == {first.text_encoder}
-    # The encoders wrote one Parquet file per block, beside the manifest that commits them.
-    run_keys = list(
+    # The encoders' per-block files were compacted into files of at most 25 rows, then deleted: the run
+    # holds those files and the manifest that commits them.
+    run_keys = sorted(
         list_keys(s3, stack.bucket_lake, layout.embedding_run_prefix(first.encoder_set_id, first.run_id))
     )
     parts = [key for key in run_keys if key.endswith(".parquet")]
-    assert len(parts) == first.files >= 1 and len(run_keys) == len(parts) + 1
+    assert first.blocks == 3 and first.files == len(parts) == 2 and len(run_keys) == len(parts) + 1
+    assert all("/blocks/" not in key for key in run_keys)
+    # Some hashes only: the rows of those, read from the row groups that hold them.
+    some = frame["embed_hash"].iloc[[0, 17, 18, 39]].tolist()
+    subset = read_embeddings(s3, stack, first.encoder_set_id, ["embed_hash", "text_emb"], some)
+    assert sorted(subset["embed_hash"]) == sorted(some)
+    by_hash = frame.set_index("embed_hash")["text_emb"]
+    assert all(np.array_equal(row.text_emb, by_hash[row.embed_hash]) for row in subset.itertuples())
+    assert read_embeddings(s3, stack, first.encoder_set_id, ["embed_hash"], ["no such hash"]).empty
 
     # Re-running encodes nothing.
     again = embed_job.run(stack)
