@@ -196,6 +196,11 @@ def bench_dataset(settings: Settings, path: Path, rounds: int, niceness: int, re
             if manifest.encoded != n:
                 raise RuntimeError(f"the job encoded {manifest.encoded} of {n} products")
             runs["c"].products.append(n / seconds)
+            # The encoders' own rate inside the job (their seconds in the actors, every lane at work):
+            # against (a), it says whether the job loses its time in the encoders or around them.
+            worker, lanes = manifest.worker_seconds, manifest.actors * manifest.lanes
+            runs["c"].text.append(len(texts) * lanes / worker["text"])
+            runs["c"].image.append(len(images) * lanes / worker["image"])
             actors = f"{manifest.actors} actor(s) × {manifest.threads_per_actor} thread(s)"
             runs["c"].load_avg.append(os.getloadavg()[0])
     finally:
@@ -219,7 +224,7 @@ def report(results: list[dict], settings: Settings, rounds: int, niceness: int) 
             "a": f"(a) limit: ONNX Lite0 + USE-m3, batch {batch}, 1 process, {os.cpu_count()} lanes",
             "b": f"(b) reference: torch Lite0 + USE-m3, batch {REFERENCE_BATCH}, 1 process "
             f"({ref_texts} texts, {ref_images} images)",
-            "c": "(c) job: jobs.embed.run (Ray Data, S3 in and out)",
+            "c": "(c) job: jobs.embed.run (Ray Data, S3 in and out; item rates: its encoders' own time)",
         }
         rows = [
             [labels[k], spread(r.text), spread(r.image), spread(r.products),

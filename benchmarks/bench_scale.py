@@ -15,17 +15,21 @@ Ray workers, Ray daemons, Serve, SeaweedFS, MLflow, watcher), the whole machine'
 object-store spill and the bytes in the lake. Generated ZIPs are kept under ``state_dir/scale-zips`` (same
 seed, same bytes) so a re-run skips generation.
 
-The embed limit (same run, after the pipeline, Serve idle beside it as during the job): the shipped
+The embed limit (same run, Serve idle beside it as during the job; taken after the first drop and at the
+end of each size, the higher counting): the shipped
 encoders in a tight loop on as many processes as the embed job ran lanes (actors × lanes per actor), each
 with one lane's intra-op threads, on the first ``--limit-products`` products of the ZIP with the images
 already in memory as bytes (decoded and resized inside the encoder, as in the job); no Ray, no S3, no
-Parquet; models loaded before the clock starts. Targets (issue 22) are printed with ✓/✗.
+Parquet; models loaded before the clock starts. Targets (issue 22) are printed with ✓/✗. Each stage also
+gets the CPU seconds of each kind of process and how busy the machine was (steal: what the hypervisor
+took from this VM).
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -83,13 +87,20 @@ def process_kind(name: str, cmdline: str) -> str | None:
     return None
 
 
+MACHINE_KEYS = ("machine", "steal", "wall")  # the sampler's whole-machine entries, beside its process kinds
+
+
 @dataclass
-class MemorySampler(BackgroundSampler):
-    """Peak RSS of the largest process of each kind, and of the machine's memory in use, per phase."""
+class ProcessSampler(BackgroundSampler):
+    """Per phase: peak RSS of the largest process of each kind, of the machine's memory in use, and the
+    CPU seconds each kind and the whole machine spent (where the cores went during a stage)."""
 
     interval_s: float = 1.0
     phase: str = "idle"
     peaks: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    cpu: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    _cpu_seen: dict[int, float] = field(default_factory=dict)
+    _machine: tuple[float, float, float] | None = None  # (time, busy, stolen CPU seconds) at the last sample
 
     def _record(self, key: str, gb: float) -> None:
         current = self.peaks[self.phase]
@@ -98,11 +109,25 @@ class MemorySampler(BackgroundSampler):
     def sample(self) -> None:
         memory = psutil.virtual_memory()
         self._record("machine", (memory.total - memory.available) / GB)
-        for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
+        times, now = psutil.cpu_times(), time.monotonic()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        steal = getattr(times, "steal", 0.0)
+        if self._machine is not None:
+            last_now, last_busy, last_steal = self._machine
+            self.cpu[self.phase]["machine"] += busy - last_busy
+            self.cpu[self.phase]["steal"] += steal - last_steal
+            self.cpu[self.phase]["wall"] += now - last_now
+        self._machine, seen = (now, busy, steal), {}
+        for proc in psutil.process_iter(["name", "cmdline", "memory_info", "cpu_times"]):
             with contextlib.suppress(psutil.Error, TypeError):
                 kind = process_kind(proc.info["name"] or "", " ".join(proc.info["cmdline"] or []))
                 if kind is not None:
                     self._record(kind, proc.info["memory_info"].rss / GB)
+                    used = proc.info["cpu_times"].user + proc.info["cpu_times"].system
+                    # A process first seen spent its CPU so far in this phase (it started in it).
+                    self.cpu[self.phase][kind] += used - self._cpu_seen.get(proc.pid, 0.0)
+                    seen[proc.pid] = used
+        self._cpu_seen = seen
 
     def largest_process(self, phases: list[str]) -> tuple[str, float]:
         kinds = [(gb, kind) for p in phases for kind, gb in self.peaks[p].items() if kind != "machine"]
@@ -116,7 +141,7 @@ class MemorySampler(BackgroundSampler):
 # --- data ----------------------------------------------------------------------------------------------
 
 
-def generate(path: Path, products: int, seed: int, unlabelled: bool, sampler: MemorySampler) -> dict:
+def generate(path: Path, products: int, seed: int, unlabelled: bool, sampler: ProcessSampler) -> dict:
     """``jobs.make_sample`` in a child process (reused when the file exists): seconds, peak RSS GB, MB."""
     if not path.exists():
         sampler.phase = f"generate {path.name}"
@@ -182,7 +207,7 @@ def lake_bytes(settings: Settings) -> dict[str, int]:
     return dict(sizes)
 
 
-def drop(settings: Settings, zip_path: Path, sampler: MemorySampler, label: str, timeout_s: float) -> dict:
+def drop(settings: Settings, zip_path: Path, sampler: ProcessSampler, label: str, timeout_s: float) -> dict:
     """Upload the ZIP and follow its pipeline record to the end: per stage seconds; total wall time."""
     client = s3_client(settings)
     key = pipeline_record_key(file_batch_id(zip_path))
@@ -272,7 +297,7 @@ def embed_limit(settings: Settings, zip_path: Path, products: int, processes: in
 # --- one size, end to end ------------------------------------------------------------------------------
 
 
-def run_size(settings: Settings, fraction: float, args, zips: Path, sampler: MemorySampler) -> dict:
+def run_size(settings: Settings, fraction: float, args, zips: Path, sampler: ProcessSampler) -> dict:
     """Generate, then labelled → incremental → unlabelled through the running stack; the embed limit."""
     n, n_unlabelled = round(args.products * fraction), round(args.unlabelled * fraction)
     n_incremental = round(args.incremental * fraction)
@@ -290,18 +315,41 @@ def run_size(settings: Settings, fraction: float, args, zips: Path, sampler: Mem
     if trained.get("promoted"):
         wait_for_serve(settings, settings.serve_ready_timeout_s, version=str(trained["version"]))
     lake = lake_bytes(settings)
+    embed = runs[0]["stages"]["embed"]["result"]
+    # One single-thread process per lane the job ran (its actors × their one-thread lanes).
+    processes = embed["actors"] * embed["lanes"]
+    limits = [
+        measure_limit(settings, labelled, min(args.limit_products, n), processes, sampler, f"{n} limit")
+    ]
     runs.append(drop(settings, incremental, sampler, f"{n} incremental", args.timeout_s))
     runs.append(drop(settings, unlabelled, sampler, f"{n} unlabelled", args.timeout_s))
-    embed = runs[0]["stages"]["embed"]["result"]
-    sampler.phase = f"{n} limit"
-    # One single-thread process per thread the job ran (its actors × their one-thread lanes).
-    processes = embed["actors"] * embed["threads_per_actor"] // settings.encoder_threads
-    limit = embed_limit(settings, labelled, min(args.limit_products, n), processes, settings.encoder_threads)
-    sampler.phase = "idle"
-    return {"products": n, "generated": generated, "runs": runs, "lake": lake, "limit": limit}
+    limits.append(
+        measure_limit(settings, labelled, min(args.limit_products, n), processes, sampler, f"{n} limit")
+    )
+    return {
+        "products": n,
+        "generated": generated,
+        "runs": runs,
+        "lake": lake,
+        "limit": max(limits),
+        "limits": limits,
+    }
 
 
-def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
+def measure_limit(
+    settings: Settings, zip_path: Path, products: int, processes: int, sampler, phase: str
+) -> float:
+    """:func:`embed_limit` as a phase of its own. It is taken twice per size, after the first drop and at
+    the end, and the higher counts: this VM's speed drifts by up to a third within an hour (a limit the
+    job beats is no limit)."""
+    sampler.phase = phase
+    try:
+        return embed_limit(settings, zip_path, products, processes, settings.encoder_threads)
+    finally:
+        sampler.phase = "idle"
+
+
+def stage_rows(size: dict, sampler: ProcessSampler) -> list[list[object]]:
     """One row per stage of each drop: seconds, products/s, largest process, machine memory, spill."""
     rows = []
     for run in size["runs"]:
@@ -319,6 +367,8 @@ def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
                 split = f"encode {result['seconds'] - compact:.0f} · compact {compact:.0f}"
                 files = f"{result['blocks']} blocks → {result['files']} files"
                 rows.append([run["label"], f"  {stage} phases", split, "", "", files, ""])
+                rows.append([run["label"], f"  {stage} workers", *embed_worker_cells(result)])
+            rows.append([run["label"], f"  {stage} CPU s", *cpu_cells(sampler.cpu[phase[0]])])
             if result.get("phase_seconds"):  # the train stage's own split (lib.model.stage)
                 split = " · ".join(f"{k} {v:.0f}" for k, v in result["phase_seconds"].items())
                 rows.append([run["label"], f"  {stage} phases", split, "", "", result.get("retune", ""), ""])
@@ -330,7 +380,26 @@ def stage_rows(size: dict, sampler: MemorySampler) -> list[list[object]]:
     return rows
 
 
-def target_rows(sizes: list[dict], sampler: MemorySampler) -> list[list[object]]:
+def cpu_cells(cpu: dict[str, float]) -> list[str]:
+    """CPU seconds of each kind of process in a phase, largest first, and how busy the machine was (of
+    which stolen by the hypervisor)."""
+    kinds = sorted(((s, k) for k, s in cpu.items() if k not in MACHINE_KEYS and s >= 0.5), reverse=True)
+    cores = cpu.get("wall", 0.0) * (os.cpu_count() or 1)
+    busy, steal = (cpu["machine"] / cores, cpu["steal"] / cores) if cores else (0.0, 0.0)
+    return [" · ".join(f"{kind} {s:.0f}" for s, kind in kinds), "", "", f"machine busy {busy:.0%}",
+            f"steal {steal:.0%}"]  # fmt: skip
+
+
+def embed_worker_cells(result: dict) -> list[str]:
+    """Where the encoder actors' time went, and the encoders' own rate inside the job (vs the limit)."""
+    w, lanes = result["worker_seconds"], result["actors"] * result["lanes"]
+    steps = " · ".join(f"{step} {w[step]:.0f}" for step in ("fetch", "text", "image", "write", "cpu"))
+    alone = result["encoded"] * lanes / (w["text"] + w["image"])  # products/s with every lane encoding
+    busy = w["block"] / ((result["seconds"] - result["compact_seconds"]) * result["actors"])
+    return [steps, "", f"{alone:.1f}", f"encoders alone; actors busy {busy:.0%}", ""]
+
+
+def target_rows(sizes: list[dict], sampler: ProcessSampler) -> list[list[object]]:
     """Issue 22's targets, measured on the largest size (growth: against the smallest)."""
     big, small, t = sizes[-1], sizes[0], TARGETS
     full, incremental, unlabelled = big["runs"]
@@ -364,7 +433,7 @@ def target_rows(sizes: list[dict], sampler: MemorySampler) -> list[list[object]]
     return rows
 
 
-def growth_rows(small: dict, big: dict, sampler: MemorySampler) -> list[list[object]]:
+def growth_rows(small: dict, big: dict, sampler: ProcessSampler) -> list[list[object]]:
     """Time and peak-RSS growth from the smallest size to the largest (training processes excepted)."""
     data = big["products"] / small["products"]
     time_ratio = big["runs"][0]["wall_s"] / small["runs"][0]["wall_s"]
@@ -400,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-products", type=int, default=2000, help="products the embed limit encodes")
     parser.add_argument("--timeout-s", type=float, default=3 * 3600, help="per drop")
     args = parser.parse_args(argv)
-    with bench_stack() as settings, MemorySampler() as sampler:
+    with bench_stack() as settings, ProcessSampler() as sampler:
         zips = settings.state_dir / "scale-zips"
         zips.mkdir(parents=True, exist_ok=True)
         serve_deploy.deploy(settings)
@@ -415,13 +484,14 @@ def main(argv: list[str] | None = None) -> None:
     print_table("Targets (largest size)", ["measure", "value", "target", ""], target_rows(sizes, sampler))
 
 
-def print_size(size: dict, sampler: MemorySampler) -> None:
+def print_size(size: dict, sampler: ProcessSampler) -> None:
     g = size["generated"]
     made = "reused" if g["reused"] else f"{g['seconds']:.0f} s, generator peak RSS {g['rss_gb']:.2f} GB"
     lake_gb = sum(size["lake"].values()) / GB
     print(
         f"\n{size['products']} products: ZIP {g['mb']:.0f} MB ({made}); lake after the first batch "
-        f"{lake_gb:.2f} GB {size['lake']}; embed limit {size['limit']:.1f} products/s",
+        f"{lake_gb:.2f} GB {size['lake']}; embed limit {size['limit']:.1f} products/s (the higher of "
+        f"{' and '.join(f'{limit:.1f}' for limit in size['limits'])})",
         flush=True,
     )
     print_table(f"Stages at {size['products']} products", ["drop", "stage", "s", "products", "products/s",

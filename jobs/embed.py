@@ -23,6 +23,7 @@ from lib.features.embed import (
     new_run_id,
     plan_encoding,
     with_image_locations,
+    worker_seconds,
 )
 from lib.ops.preflight import require
 from lib.settings import Settings, get_settings
@@ -78,9 +79,10 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
     embed_run.compact_seconds = round(time.monotonic() - compact_started, 2)
     seconds = time.monotonic() - started
     embed_run.text_dim, embed_run.image_dim = catalogue.text_id.dim, catalogue.image_id.dim
-    embed_run.actors, embed_run.threads_per_actor = plan.actors, plan.lanes * settings.encoder_threads
+    embed_run.actors, embed_run.lanes = plan.actors, plan.lanes
+    embed_run.threads_per_actor = plan.lanes * settings.encoder_threads
     embed_run.batch_size, embed_run.blocks = settings.embed_batch_size, len(written)
-    embed_run.files = len(rows_per_file)
+    embed_run.files, embed_run.worker_seconds = len(rows_per_file), worker_seconds(written)
     embed_run.seconds, embed_run.items_per_s = round(seconds, 2), round(len(todo) / seconds, 1)
     return commit_run(client, settings, embed_run, sum(rows_per_file))  # every block's rows, compacted
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -298,17 +299,26 @@ class EmbedRun:
     text_dim: int = 0
     image_dim: int = 0
     actors: int = 0
+    lanes: int = 0  # encoder batches an actor runs at once
     threads_per_actor: int = 0  # lanes × intra-op threads per lane
     batch_size: int = 0
     blocks: int = 0  # files the encoders wrote, one per block
     files: int = 0  # files after compaction
     compact_seconds: float = 0.0
+    # Summed over blocks: image fetch, text and image encoders, Parquet write, whole block, actor CPU.
+    worker_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     items_per_s: float = 0.0
     committed_at: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def worker_seconds(blocks: list[dict]) -> dict[str, float]:
+    """Where the encoder actors' time went, summed over the blocks they returned."""
+    steps = [column.removesuffix("_s") for column in (blocks[0] if blocks else {}) if column.endswith("_s")]
+    return {step: round(sum(block[f"{step}_s"] for block in blocks), 1) for step in steps}
 
 
 def new_run_id() -> str:
@@ -447,27 +457,43 @@ class EncoderWorker:
         self._client = s3_client(settings)
 
     def __call__(self, block: pd.DataFrame) -> dict[str, list]:
-        """Encode and write one block; returns its file and row count (what the driver checks)."""
+        """Encode and write one block; returns its file, row count and where its time went."""
+        started, cpu_started = time.perf_counter(), time.process_time()
         block = block.reset_index(drop=True)
         batches = [block.iloc[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
-        table = pa.concat_tables(self._lanes.map(self.encode, batches))  # rows in block order
+        encoded = list(self._lanes.map(self.encode, batches))
+        table = pa.concat_tables([rows for rows, _ in encoded])  # rows in block order
         key = f"{self.output_prefix}{block_file_name(block['embed_hash'].tolist())}"
+        written = time.perf_counter()
         put_table(self._client, self.bucket, key, table)
-        return {"file": [key], "rows": [table.num_rows]}
+        seconds = {step: sum(timing[step] for _, timing in encoded) for step in ("fetch", "text", "image")}
+        seconds["write"] = time.perf_counter() - written
+        seconds["block"] = time.perf_counter() - started
+        seconds["cpu"] = time.process_time() - cpu_started  # every thread of this actor's process
+        return {"file": [key], "rows": [table.num_rows], **{f"{k}_s": [v] for k, v in seconds.items()}}
 
-    def encode(self, batch: pd.DataFrame) -> pa.Table:
-        """Embedding rows of one encoder batch."""
+    def encode(self, batch: pd.DataFrame) -> tuple[pa.Table, dict[str, float]]:
+        """Embedding rows of one encoder batch, and the seconds its fetch and each encoder took."""
         n = len(batch)
         has_text = batch["has_text"].to_numpy(bool)
         has_image = batch["has_image"].to_numpy(bool)
         text_dim, image_dim = self.text_encoder.id.dim, self.image_encoder.id.dim
         text_emb = np.zeros((n, text_dim), np.float32)  # (n, text_dim)
         image_emb = np.zeros((n, image_dim), np.float32)  # (n, image_dim)
+        started = time.perf_counter()
         if has_text.any():
             text_emb[has_text] = self.text_encoder.encode(batch["text"][has_text].tolist())
-        if has_image.any():
-            image_emb[has_image] = self.image_encoder.encode(self.fetcher.fetch(batch[has_image]))
-        return pa.table(
+        text_done = time.perf_counter()
+        images = self.fetcher.fetch(batch[has_image]) if has_image.any() else []
+        fetched = time.perf_counter()
+        if images:
+            image_emb[has_image] = self.image_encoder.encode(images)
+        timing = {
+            "text": text_done - started,
+            "fetch": fetched - text_done,
+            "image": time.perf_counter() - fetched,
+        }
+        rows = pa.table(
             {
                 "productid": pa.array(batch["productid"], pa.int64()),
                 "batch_id": pa.array(batch["batch_id"], pa.string()),
@@ -482,3 +508,4 @@ class EncoderWorker:
                 "node_id": pa.array([self.node_id] * n, pa.string()),
             }
         )
+        return rows, timing

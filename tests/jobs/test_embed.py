@@ -54,6 +54,8 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     )
     first = embed_job.run(compacting)
     assert first.encoded == len(catalogue) and first.cached == 0
+    assert set(first.worker_seconds) == {"fetch", "text", "image", "write", "block", "cpu"}
+    assert first.worker_seconds["block"] >= first.worker_seconds["image"] > 0
 
     frame = read_embeddings(s3, stack, first.encoder_set_id)
     assert sorted(frame["productid"]) == sorted(catalogue["productid"])
@@ -164,7 +166,12 @@ def test_a_retried_block_overwrites_its_own_file(s3, stack, lake_reset):
     prefix = layout.embedding_run_prefix("set", "r")
     worker = EncoderWorker(stack.model_copy(update={"embed_batch_size": 16}), prefix)
     first, again = worker(inputs), worker(inputs)  # e.g. a task retried after its actor died
-    assert first == again and first["rows"] == [len(inputs)]
+    assert (first["file"], first["rows"]) == (again["file"], again["rows"]) == (first["file"], [len(inputs)])
+    # Where the block's time went: each step is part of the block's wall time.
+    steps = ("fetch_s", "text_s", "image_s", "write_s")
+    assert (
+        all(first[step][0] > 0 for step in steps) and sum(first[s][0] for s in steps) <= first["block_s"][0]
+    )
     assert list(list_keys(s3, stack.bucket_lake, prefix)) == first["file"]
     other = worker(inputs.iloc[:10])
     assert other["file"] != first["file"] and other["rows"] == [10]
