@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pandas as pd
 import ray
@@ -54,17 +55,22 @@ def classify_stage(settings: Settings, client, batch_id: str) -> classify.Classi
     done = classify.committed(client, settings, batch_id)
     if done is not None and done.model_version == production.version:
         return done
-    rows, without = classify.batch_rows(client, settings, batch_id)
-    predictions = predict(settings, rows, production.version)
+    with ThreadPoolExecutor(1) as loading:
+        # The model downloads while the batch's rows are read: both mostly wait on MLflow and S3.
+        classifier = loading.submit(Classifier, settings, production.version)
+        rows, without = classify.batch_rows(client, settings, batch_id)
+        predictions = predict(settings, rows, production.version, classifier)
     return classify.commit(client, settings, batch_id, predictions, without, time.monotonic() - t0)
 
 
-def predict(settings: Settings, rows: pd.DataFrame, version: str) -> pd.DataFrame:
+def predict(
+    settings: Settings, rows: pd.DataFrame, version: str, loading: Future[Classifier] | None = None
+) -> pd.DataFrame:
     """``classify.classify_rows`` with model ``version`` over ``rows``: in this process up to
-    ``settings.classify_in_driver_max_rows`` rows, above that on a Ray Data actor pool (spread over the
-    cluster, one model load per actor)."""
+    ``settings.classify_in_driver_max_rows`` rows (with the ``loading`` classifier, if given), above that
+    on a Ray Data actor pool (spread over the cluster, one model load per actor)."""
     if len(rows) <= settings.classify_in_driver_max_rows:
-        return Classifier(settings, version)(rows)
+        return (loading.result() if loading is not None else Classifier(settings, version))(rows)
     size = settings.classify_block_rows
     blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)]
     pool = ray.data.ActorPoolStrategy(size=max(1, min(settings.classify_actors, len(blocks))))
