@@ -72,7 +72,7 @@ class LoadedModel:
     def probabilities(
         self, text: np.ndarray, image: np.ndarray, texts: list[str] | None = None
     ) -> np.ndarray:
-        """(n, n_classes) calibrated probabilities (the card's ``lib.model.network.Calibration``)."""
+        """(n, n_classes) calibrated probabilities (the card's ``lib.model.calibration.Calibration``)."""
         return Calibration.from_card(self.card).probabilities(self.logits(text, image, texts))
 
 

@@ -33,7 +33,7 @@ class FittedHead:
     The fusion MLP: trained on train with early stopping on val. The experts: fitted on train + val.
     """
 
-    # f1_macro, f1_weighted, accuracy, temperature, slope, intercept (lib.model.network.Calibration),
+    # f1_macro, f1_weighted, accuracy, temperature, slope, intercept (lib.model.calibration.Calibration),
     # ece_before, ece_after
     report: dict[str, float]
     predicted: np.ndarray  # predicted label index of each test product

@@ -214,7 +214,7 @@ def _log_evaluation(data: Dataset, head: FittedHead, ablation: dict[str, dict]) 
 
 
 def _calibration(report: dict) -> dict[str, float]:
-    """The calibration's parameters (``lib.model.network.Calibration``) and its test ECE."""
+    """The calibration's parameters (``lib.model.calibration.Calibration``) and its test ECE."""
     return {"temperature": report["temperature"], "slope": report["slope"], "intercept": report["intercept"],
             "test_ece_before": report["ece_before"], "test_ece_after": report["ece_after"]}  # fmt: skip
 
