@@ -329,8 +329,8 @@ def new_run_id() -> str:
 def compact_run(settings: Settings, set_id: str, run_id: str) -> list[int]:
     """Rewrite a run's block files as files of ``settings.embed_file_rows`` rows; returns rows per file.
 
-    At full size the encoders write 1,622 blocks, and a reader pays S3 round trips per file more than
-    decoding. The rows are streamed (memory: a few row groups), in the blocks' sorted order.
+    At full size the encoders write 1,327 blocks of 64 products, and a reader pays S3 round trips per
+    file more than decoding. The rows are streamed (memory: a few row groups), in the blocks' sorted order.
     """
     fs = arrow_fs(settings)
     blocks = parquet_paths(fs, f"{settings.bucket_lake}/{embedding_run_blocks_prefix(set_id, run_id)}")
