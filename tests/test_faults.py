@@ -50,10 +50,13 @@ def stage_status(s3, settings, batch_id: str, stage: str) -> str | None:
 
 
 def driver_of(text: str) -> psutil.Process | None:
-    """The pipeline job's driver process (its command line names the ZIP)."""
+    """The pipeline job's driver process: the Python one whose command line names the ZIP. Not the
+    ``/bin/sh -c`` Ray's supervisor starts it under: killing that shell leaves the driver running, and the
+    orphan then commits and archives the ZIP under the retry's feet."""
     for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "jobs.pipeline" in cmdline and text in cmdline and "ray" not in cmdline.split()[0]:
+        argv = proc.info["cmdline"] or []
+        is_python = bool(argv) and "python" in argv[0].rsplit("/", 1)[-1]
+        if is_python and "jobs.pipeline" in argv and any(text in arg for arg in argv):
             return proc
     return None
 
