@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pandas as pd
 import ray
+import scipy.sparse as sp
 from mlflow import MlflowClient
 
 from jobs import embed, ingest
@@ -36,8 +37,8 @@ class Classifier:
         self.loaded = registry.load_version(client, settings.registered_model_name, version)
         self.threshold = settings.abstain_threshold
 
-    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
-        return classify.classify_rows(self.loaded, rows, self.threshold)
+    def __call__(self, rows: pd.DataFrame, lexical: sp.csr_matrix | None = None) -> pd.DataFrame:
+        return classify.classify_rows(self.loaded, rows, self.threshold, lexical)
 
 
 def classify_stage(settings: Settings, client, batch_id: str) -> classify.ClassifiedBatch:
@@ -56,21 +57,38 @@ def classify_stage(settings: Settings, client, batch_id: str) -> classify.Classi
     if done is not None and done.model_version == production.version:
         return done
     with ThreadPoolExecutor(1) as loading:
-        # The model downloads while the batch's rows are read: both mostly wait on MLflow and S3.
+        # The model downloads while the batch's products are read: both mostly wait on MLflow and S3.
         classifier = loading.submit(Classifier, settings, production.version)
-        rows, without = classify.batch_rows(client, settings, batch_id)
-        predictions = predict(settings, rows, production.version, classifier)
-    return classify.commit(client, settings, batch_id, predictions, without, time.monotonic() - t0)
+        inputs = classify.batch_inputs(client, settings, batch_id)
+        predictions = predict(settings, client, inputs, production.version, classifier)
+    return classify.commit(client, settings, batch_id, predictions, len(inputs) - len(predictions),
+                           time.monotonic() - t0)  # fmt: skip
 
 
 def predict(
-    settings: Settings, rows: pd.DataFrame, version: str, loading: Future[Classifier] | None = None
+    settings: Settings,
+    client,
+    inputs: pd.DataFrame,
+    version: str,
+    loading: Future[Classifier] | None = None,
 ) -> pd.DataFrame:
-    """``classify.classify_rows`` with model ``version`` over ``rows``: in this process up to
-    ``settings.classify_in_driver_max_rows`` rows (with the ``loading`` classifier, if given), above that
-    on a Ray Data actor pool (spread over the cluster, one model load per actor)."""
-    if len(rows) <= settings.classify_in_driver_max_rows:
-        return (loading.result() if loading is not None else Classifier(settings, version))(rows)
+    """Predictions of model ``version`` for the ``inputs`` (``classify.batch_inputs``) that have a stored
+    embedding. Up to ``settings.classify_in_driver_max_rows`` rows in this process (with the ``loading``
+    classifier, if given), above that on a Ray Data actor pool (spread over the cluster, one model load
+    per actor)."""
+    if len(inputs) > settings.classify_in_driver_max_rows:
+        return _on_actor_pool(settings, classify.with_embeddings(client, settings, inputs), version)
+    with ThreadPoolExecutor(1) as reading:
+        # The embeddings are read while the TF-IDF rows are computed: S3 and Parquet decoding mostly run
+        # without the GIL, so the read takes the other core.
+        rows = reading.submit(classify.with_embeddings, client, settings, inputs)
+        classifier = loading.result() if loading is not None else Classifier(settings, version)
+        lexical = classifier.loaded.lexical_rows(list(inputs["lexical_text"]))
+        rows = rows.result()
+    return classifier(rows, None if lexical is None else lexical[rows["position"].to_numpy()])
+
+
+def _on_actor_pool(settings: Settings, rows: pd.DataFrame, version: str) -> pd.DataFrame:
     size = settings.classify_block_rows
     blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)]
     pool = ray.data.ActorPoolStrategy(size=max(1, min(settings.classify_actors, len(blocks))))

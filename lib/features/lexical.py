@@ -96,11 +96,12 @@ class LexicalFeatures:
         # Each analyzer's block is unit-norm; the scale makes the whole row unit-norm again.
         blocks = [
             _char_wb_tfidf(v, analyzer_view(texts, a), self._word_columns[i]) if a.endswith("char_wb")
-            else v.transform(analyzer_view(texts, a))
+            else _word_tfidf(v, analyzer_view(texts, a))
             for i, (v, a) in enumerate(zip(self.vectorizers, self.analyzers, strict=True))
         ]  # fmt: skip
-        scale = np.float32(len(blocks) ** -0.5)
-        return (sp.hstack(blocks, format="csr", dtype=np.float32) * scale).tocsr()
+        rows = sp.hstack(blocks, format="csr", dtype=np.float32)
+        rows.data *= np.float32(len(blocks) ** -0.5)  # in place: a product of the matrix copies it whole
+        return rows
 
     def save(self, directory: Path) -> None:
         """Write the vocabulary (JSON, terms in column order) and the IDF weights next to the model."""
@@ -135,33 +136,62 @@ def _char_wb_tfidf(vectorizer, texts: Sequence[str], word_columns: dict[str, arr
     A ``char_wb`` n-gram never crosses a word boundary, so a text's counts are the sum of its words'. Each
     word's vocabulary columns are looked up once and remembered in ``word_columns``, instead of every
     n-gram of every text going through a dictionary (scikit-learn: ~3 ms per 2,000-character text).
-    Then the same sublinear TF, IDF weighting and L2 norm as ``TfidfTransformer``.
     """
-    # lazy: scikit-learn takes about a second to import (see _vectorizer)
-    from sklearn.preprocessing import normalize
-
-    preprocess, analyze = vectorizer.build_preprocessor(), None
-    vocabulary = vectorizer.vocabulary_
+    preprocess, vocabulary = vectorizer.build_preprocessor(), vectorizer.vocabulary_
+    low, high = vectorizer.ngram_range
     # 4 bytes per n-gram occurrence: a list holds an 8-byte pointer each, twice that (tens of millions here)
     indices, indptr = array("i"), [0]
     for text in texts:
         for word in preprocess(text).split():
             columns = word_columns.get(word)
             if columns is None:
-                analyze = analyze or vectorizer.build_analyzer()
-                # An array: extending by it is one copy, by a list one conversion per element (2× slower).
-                columns = array("i", [vocabulary[g] for g in analyze(word) if g in vocabulary])
+                columns = _padded_word_columns(f" {word} ", vocabulary, low, high)
                 if len(word_columns) < WORD_CACHE_SIZE:
                     word_columns[word] = columns
             indices.extend(columns)
         indptr.append(len(indices))
+    return _tfidf_rows(vectorizer, indices, indptr)
+
+
+def _padded_word_columns(padded: str, vocabulary: dict[str, int], low: int, high: int) -> array:
+    """The vocabulary columns of a space-padded word's character n-grams, as scikit-learn's ``char_wb``
+    analyzer cuts them: every n-gram of each length ``low..high`` shorter than the padded word, and the
+    padded word itself once if no longer than ``high`` (or shorter than ``low``)."""
+    size = len(padded)
+    grams = [padded[i : i + n] for n in range(low, min(high, size) + 1) for i in range(size - n + 1)]
+    # An array: extending by it is one copy, by a list one conversion per element (2× slower).
+    return array("i", [c for c in map(vocabulary.get, grams or [padded]) if c is not None])
+
+
+def _word_tfidf(vectorizer, texts: Sequence[str]) -> sp.csr_matrix:
+    """``vectorizer.transform(texts)`` for a ``word`` vectorizer without stop words, with the same values,
+    faster: each text's n-grams go straight to the vocabulary's columns (scikit-learn first counts them in
+    a dictionary per text)."""
+    preprocess, tokenize = vectorizer.build_preprocessor(), vectorizer.build_tokenizer()
+    lookup, (low, high) = vectorizer.vocabulary_.get, vectorizer.ngram_range
+    indices, indptr = array("i"), [0]
+    for text in texts:
+        tokens = tokenize(preprocess(text))
+        for n in range(low, high + 1):
+            grams = tokens if n == 1 else map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
+            indices.extend(array("i", [c for c in map(lookup, grams) if c is not None]))
+        indptr.append(len(indices))
+    return _tfidf_rows(vectorizer, indices, indptr)
+
+
+def _tfidf_rows(vectorizer, indices: array, indptr: list[int]) -> sp.csr_matrix:
+    """Rows of n-gram columns (one entry per occurrence) → ``TfidfTransformer``'s output: counts, the
+    same sublinear TF, IDF weighting and L2 norm."""
+    # lazy: scikit-learn takes about a second to import (see _vectorizer)
+    from sklearn.preprocessing import normalize
+
     counts = sp.csr_matrix(
         (np.ones(len(indices), np.float32), np.frombuffer(indices, np.int32), np.asarray(indptr, np.int64)),
-        shape=(len(texts), len(vocabulary)),
+        shape=(len(indptr) - 1, len(vectorizer.vocabulary_)),
     )
     counts.sum_duplicates()  # repeated n-grams add up; indices sorted, as scikit-learn's
     if vectorizer.sublinear_tf:
         np.log(counts.data, counts.data)
         counts.data += 1.0
     counts.data *= vectorizer.idf_[counts.indices]
-    return normalize(counts, norm=vectorizer.norm, copy=False)
+    return normalize(counts, norm=vectorizer.norm, copy=False) if counts.shape[0] else counts

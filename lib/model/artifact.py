@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.sparse as sp
 
 from lib.features.lexical import IDF_FILE, VOCABULARY_FILE, LexicalFeatures
 from lib.model.calibration import Calibration
@@ -56,13 +57,24 @@ class LoadedModel:
     def codes(self) -> list[int]:
         return self.card["codes"]
 
-    def logits(self, text: np.ndarray, image: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
-        """(n, n_classes) logits from the embeddings and, for a lexical head, the products' texts."""
-        rows = None
-        if self.lexical is not None:
+    def lexical_rows(self, texts: list[str]) -> sp.csr_matrix | None:
+        """The TF-IDF rows of ``texts`` a head that reads text needs (None for one that does not)."""
+        return None if self.lexical is None else self.lexical.transform(texts)
+
+    def logits(
+        self,
+        text: np.ndarray,
+        image: np.ndarray,
+        texts: list[str] | None = None,
+        lexical: sp.csr_matrix | None = None,
+    ) -> np.ndarray:
+        """(n, n_classes) logits from the embeddings and, for a lexical head, the products' texts (or
+        their ``lexical_rows``, if already computed)."""
+        rows = lexical
+        if self.lexical is not None and rows is None:
             if texts is None:
                 raise ValueError(f"model version {self.version} reads the product text: pass texts")
-            rows = self.lexical.transform(texts)
+            rows = self.lexical_rows(texts)
         if self.ensemble is not None:
             return self.ensemble.logits(Inputs(rows, text, image))
         from lib.model.network import predict_logits  # lazy: torch, only an MLP head predicts with it
@@ -70,10 +82,14 @@ class LoadedModel:
         return predict_logits(self.model, text, image, rows)
 
     def probabilities(
-        self, text: np.ndarray, image: np.ndarray, texts: list[str] | None = None
+        self,
+        text: np.ndarray,
+        image: np.ndarray,
+        texts: list[str] | None = None,
+        lexical: sp.csr_matrix | None = None,
     ) -> np.ndarray:
         """(n, n_classes) calibrated probabilities (the card's ``lib.model.calibration.Calibration``)."""
-        return Calibration.from_card(self.card).probabilities(self.logits(text, image, texts))
+        return Calibration.from_card(self.card).probabilities(self.logits(text, image, texts, lexical))
 
 
 def write_model_dir(

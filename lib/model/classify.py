@@ -1,8 +1,8 @@
 """Bulk classification of a stored batch: the production head over the batch's stored embeddings, the
 challenge's submission file, both committed by a manifest written last (``lib.data.layout``).
 
-The per-row work (``classify_rows``) is pure; ``jobs/classify.py`` maps it over the batch with a Ray
-Data actor pool (one model load per actor).
+The per-row work (``classify_rows``) is pure; ``jobs/classify.py`` runs it in the job's process, or maps
+it over a large batch with a Ray Data actor pool (one model load per actor).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 
 from lib.data import lake
 from lib.data.layout import (
@@ -36,9 +37,9 @@ from lib.data.storage import (
 )
 from lib.data.text import lexical_text
 from lib.errors import UserError
-from lib.features.embed import PRODUCT_COLUMNS, embedding_inputs, read_embeddings
+from lib.features.embed import PRODUCT_COLUMNS, embedding_inputs, read_embeddings, to_matrix
 from lib.features.encoders import encoder_ids, encoder_set_id
-from lib.model.artifact import LoadedModel, reads_text
+from lib.model.artifact import LoadedModel, input_dims, reads_text
 from lib.settings import Settings
 
 TOP_K = 5
@@ -50,13 +51,16 @@ class NoProductionModel(UserError):
     waiting_for = "production model"
 
 
-def classify_rows(loaded: LoadedModel, rows: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def classify_rows(
+    loaded: LoadedModel, rows: pd.DataFrame, threshold: float, lexical: sp.csr_matrix | None = None
+) -> pd.DataFrame:
     """One prediction per row (same order). ``rows``: productid, row (the X file's index), text_emb,
-    image_emb, lexical_text."""
-    text = np.stack(rows["text_emb"].to_numpy()).astype(np.float32)
-    image = np.stack(rows["image_emb"].to_numpy()).astype(np.float32)
-    texts = list(rows["lexical_text"]) if reads_text(loaded.card) else None
-    probabilities = loaded.probabilities(text, image, texts)
+    image_emb, lexical_text; ``lexical``: the rows' ``loaded.lexical_rows``, if already computed."""
+    text_dim, image_dim = input_dims(loaded.card)
+    text = to_matrix(rows["text_emb"], text_dim)
+    image = to_matrix(rows["image_emb"], image_dim)
+    texts = list(rows["lexical_text"]) if reads_text(loaded.card) and lexical is None else None
+    probabilities = loaded.probabilities(text, image, texts, lexical)
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :TOP_K]
     scores = np.take_along_axis(probabilities, best, axis=1)
     codes = np.asarray(loaded.codes)[best]
@@ -83,19 +87,31 @@ def submission_csv(predictions: pd.DataFrame) -> bytes:
     return frame.to_csv().encode()
 
 
-def batch_rows(client, settings: Settings, batch_id: str) -> tuple[pd.DataFrame, int]:
-    """The batch's products with their stored embeddings and lexical text (cut as Serve cuts it); and how
-    many have no stored embedding."""
+def batch_inputs(client, settings: Settings, batch_id: str) -> pd.DataFrame:
+    """The batch's products to classify: productid, row (the X file's index), lexical_text (cut as Serve
+    cuts it) and embed_hash (what their stored embedding is found by)."""
     products = lake.batch_products(client, settings, batch_id, [*PRODUCT_COLUMNS, "row"])
-    set_id = encoder_set_id(*encoder_ids(settings))
-    inputs = embedding_inputs(products, settings, set_id).assign(row=products["row"].to_numpy())
+    inputs = embedding_inputs(products, settings, encoder_set_id(*encoder_ids(settings)))
     fields_ = zip(products["designation_clean"], products["description_clean"], strict=True)
     cut = settings.lexical_max_chars
-    inputs["lexical_text"] = [lexical_text(title, body, cut) for title, body in fields_]
+    return pd.DataFrame(
+        {
+            "productid": inputs["productid"].to_numpy(),
+            "row": products["row"].to_numpy(),
+            "lexical_text": [lexical_text(title, body, cut) for title, body in fields_],
+            "embed_hash": inputs["embed_hash"].to_numpy(),
+        }
+    )
+
+
+def with_embeddings(client, settings: Settings, inputs: pd.DataFrame) -> pd.DataFrame:
+    """``inputs`` (``batch_inputs``) that have a stored embedding, with it (text_emb, image_emb) and their
+    ``position`` in ``inputs``; in the order of ``inputs``."""
+    set_id = encoder_set_id(*encoder_ids(settings))
     columns = ["embed_hash", "text_emb", "image_emb"]
     vectors = read_embeddings(client, settings, set_id, columns, inputs["embed_hash"].tolist())
-    joined = inputs.merge(vectors.drop_duplicates("embed_hash"), on="embed_hash", how="inner")
-    return joined[["productid", "row", "text_emb", "image_emb", "lexical_text"]], len(inputs) - len(joined)
+    numbered = inputs.assign(position=np.arange(len(inputs)))
+    return numbered.merge(vectors.drop_duplicates("embed_hash"), on="embed_hash", how="inner")
 
 
 @dataclass

@@ -47,9 +47,11 @@ def test_an_unlabelled_zip_gets_one_prediction_per_product_in_x_order_and_twice_
     assert set(submission["prdtypecode"]) <= set(codes)
 
     # The actor pool (batches above classify_in_driver_max_rows) predicts what the job's process does.
-    rows, _ = classify.batch_rows(s3, stack, result.batch_id)
+    inputs = classify.batch_inputs(s3, stack, result.batch_id)
     pooled = stack.model_copy(update={"classify_in_driver_max_rows": 0, "classify_block_rows": 50})
-    on_pool, in_driver = (classify_job.predict(s, rows, version).sort_values("row") for s in (pooled, stack))
+    on_pool, in_driver = (
+        classify_job.predict(s, s3, inputs, version).sort_values("row") for s in (pooled, stack)
+    )
     assert list(on_pool["productid"]) == list(in_driver["productid"]) and len(on_pool) == 120
     assert np.array_equal(np.stack(on_pool["top5_codes"]), np.stack(in_driver["top5_codes"]))
     assert np.allclose(np.stack(on_pool["top5_scores"]), np.stack(in_driver["top5_scores"]), atol=1e-6)

@@ -36,7 +36,7 @@ def test_vocabulary_comes_only_from_the_fitted_texts():
     assert unseen[:, : len(words)].nnz == 0
 
 
-def test_character_blocks_equal_scikit_learns_transform_exactly_batched_or_one_by_one():
+def test_every_block_equals_scikit_learns_transform_exactly_batched_or_one_by_one():
     features = LexicalFeatures.fit(TRAIN_TEXTS, SPEC)
     probe = [
         "MANETTE ps4 Sans-Fil  noire\tédition\n1/43", "a b", "", "   ", "Peugeot\u00a0205 rouge rouge rouge",

@@ -48,3 +48,13 @@ def test_rows_get_the_served_prediction_and_the_submission_follows_the_x_file_or
     assert list(submitted.index) == sorted(rows["row"])  # the X file's index, in its order
     by_row = predictions.set_index("row")["prdtypecode"]
     assert (submitted["prdtypecode"] == by_row.loc[submitted.index].to_numpy()).all()
+
+    # TF-IDF rows computed beforehand (as the job does, beside the embeddings' read) change nothing.
+    lexical = loaded.lexical_rows(list(rows["lexical_text"]))
+    ahead = classify_rows(loaded, rows.drop(columns="lexical_text"), threshold=0.6, lexical=lexical)
+    assert ahead.drop(columns=["top5_codes", "top5_scores"]).equals(
+        predictions.drop(columns=["top5_codes", "top5_scores"])
+    )
+    assert np.array_equal(np.stack(ahead["top5_scores"]), np.stack(predictions["top5_scores"]))
+    # A batch none of whose products has an embedding yet: no prediction, no error.
+    assert classify_rows(loaded, rows.iloc[:0], threshold=0.6).empty
