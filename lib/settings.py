@@ -210,6 +210,12 @@ class Settings(BaseSettings):
     expert_folds: int = Field(
         5, description="Cross-validation folds that choose the experts' fusion weights."
     )
+    refit_folds: int = Field(
+        4,
+        description="Folds of a refit (no search: production's configuration on all current data), whose "
+        "time an incremental batch waits on. Real sample, split seeds 0-4, same configuration: F1-macro "
+        "0.7534 ± 0.017 with 4 folds, 0.7517 ± 0.015 with 5, the fit 24 % shorter; 3 folds: 0.7478.",
+    )
     fit_threads: int = Field(
         2,
         description="Threads of the final experts fit: above 1, the lexical experts train on one thread and "

@@ -115,7 +115,9 @@ def run_train_stage(
         mlflow.log_metrics({"tune_seconds": tune_seconds, "trials_stopped_early": best.stopped_early})
         if best.trials:
             mlflow.log_metric("best_val_f1_macro", best.val_f1_macro)
-        head, ablation = fit_best(settings, data, best, max_epochs)
+        folds = settings.expert_folds if retune.full else settings.refit_folds
+        mlflow.log_param("folds", folds)
+        head, ablation = fit_best(settings, data, best, max_epochs, folds)
         _log_evaluation(data, head, ablation)
         phases["fit"], peaks["fit"] = time.monotonic() - t0 - tune_seconds, peak_rss_gb()
         card = model_card(settings, data, lineage, head, sha, parent.info.run_id) | {
@@ -172,10 +174,13 @@ def search(
     return best
 
 
-def fit_best(settings: Settings, data: Dataset, best: TuneResult, max_epochs: int) -> tuple[FittedHead, dict]:
-    """The best configuration fitted without the test split, scored on it, with its ablation."""
+def fit_best(
+    settings: Settings, data: Dataset, best: TuneResult, max_epochs: int, folds: int | None = None
+) -> tuple[FittedHead, dict]:
+    """The best configuration fitted without the test split, scored on it, with its ablation (an experts
+    head: ``folds`` fold models averaged, by default ``settings.expert_folds``)."""
     if settings.head_kind == EXPERTS_KIND:
-        config, folds = ExpertConfig(**best.config), settings.expert_folds
+        config, folds = ExpertConfig(**best.config), folds or settings.expert_folds
         head = fit_and_test_experts(data, config, folds, settings.tune_seed, settings.fit_threads)
         return head, expert_ablation(data, head)
     from lib.model.train import TrainConfig  # lazy: torch (~0.7 GB resident), only for the MLP head

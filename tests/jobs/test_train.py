@@ -249,6 +249,7 @@ def test_the_default_head_is_the_experts_tuned_fold_by_fold_and_promoted(trained
     assert len(trials) == 2 and {"lexical_c", "text_c", "image_c"} <= set(trials[0].data.params)
     history = mlflow_client.get_metric_history(trials[0].info.run_id, "val_f1_macro")
     assert 1 <= len(history) <= stack.expert_folds
+    assert mlflow_client.get_run(out.run_id).data.params["folds"] == str(stack.expert_folds)
     loaded = registry.load_version(mlflow_client, stack.registered_model_name, out.version)
     assert loaded.ensemble is not None and loaded.card["head_kind"] == "experts"
     assert set(out.ablation) == {"lexical", "text", "image", "fusion", "fusion_lexical"}
@@ -273,7 +274,9 @@ def test_a_small_new_batch_refits_the_production_configuration_without_a_search(
         [client.get_run(out.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{out.run_id}'"
     )
     assert trials == [] and out.best.config == card["tune_config"]  # the final fit is the one training
-    assert client.get_run(out.run_id).data.params["retune"] == "refit"
+    params = client.get_run(out.run_id).data.params
+    assert params["retune"] == "refit" and stack.refit_folds != stack.expert_folds
+    assert params["folds"] == str(stack.refit_folds)
     # Each phase's peak RSS is recorded, never falling (a high-water mark), and logged with the run.
     peaks = out.summary()["phase_peak_gb"]
     assert list(peaks) == ["load", "search", "fit", "register_promote"] and 0 < peaks["load"] <= peaks["fit"]
