@@ -260,18 +260,22 @@ def plan_encoder_pool(
     return 1, max(round(free, 2), 0.05)
 
 
-def encoder_lanes(cluster_cpus: float, nodes: int, actors: int, threads_per_lane: int) -> int:
+def encoder_lanes(
+    cluster_cpus: float, nodes: int, actors: int, threads_per_lane: int, lanes_per_core: float = 1.0
+) -> int:
     """Encoder batches each actor runs at once (a lane: one batch on ``threads_per_lane`` intra-op
-    threads), so that the pool's lanes cover every core of a node.
+    threads), so that the pool's lanes cover every core of a node, ``lanes_per_core`` times.
 
     Ray's CPUs are a reservation, not a limit: beside Serve replicas (which reserve CPUs but mostly idle)
     only one actor fits on 2 cores, and with one lane it would leave the second core unused. Lanes beat
     intra-op threads: on the real sample one process encodes 117 products/s on two one-thread lanes and
-    85 with one two-thread batch (ONNX Runtime's and BLAS's threads spin, waiting on each other).
+    85 with one two-thread batch (ONNX Runtime's and BLAS's threads spin, waiting on each other). More
+    lanes than cores keep the cores busy while a lane fetches images, writes or holds the GIL.
     """
     nodes = max(nodes, 1)
     per_node = math.ceil(actors / nodes)
-    return max(1, math.floor(cluster_cpus / nodes / per_node / max(threads_per_lane, 1)))
+    cores = cluster_cpus / nodes / per_node
+    return max(1, math.floor(cores * lanes_per_core / max(threads_per_lane, 1)))
 
 
 @dataclass
@@ -294,8 +298,10 @@ def plan_encoding(
     # An actor per full encoder batch at most: for a handful of products a second actor would spend more
     # on its start and model loading than it takes off the first one.
     actors = min(actors, max(1, len(todo) // settings.embed_batch_size))
-    lanes = encoder_lanes(total_cpus, nodes, actors, settings.encoder_threads)
-    count = max(actors, math.ceil(len(todo) / (settings.embed_batch_size * settings.embed_block_batches)))
+    lanes = encoder_lanes(total_cpus, nodes, actors, settings.encoder_threads, settings.embed_lanes_per_core)
+    # Each lane gets as many of a block's batches as the others: a block ends when its last batch does.
+    batches = lanes * math.ceil(settings.embed_block_batches / lanes)
+    count = max(actors, math.ceil(len(todo) / (settings.embed_batch_size * batches)))
     size = max(1, math.ceil(len(todo) / count))
     # Blocks cut here rather than by `repartition`, whose task would need a whole free CPU.
     blocks = [todo.iloc[i : i + size] for i in range(0, len(todo), size)]

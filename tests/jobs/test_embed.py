@@ -93,7 +93,8 @@ def test_embeddings_shapes_norms_missing_image_and_cache(ray_cluster, s3, stack,
     third = embed_job.run(stack)
     assert third.encoded == 1
     assert third.actors == 1  # one product is less than a batch: no second actor to start for nothing
-    assert third.threads_per_actor == 2  # ...and the lone actor uses both cores (two one-thread lanes)
+    # ...and the lone actor covers both cores 1.5 times (three one-thread lanes: see embed_lanes_per_core)
+    assert third.threads_per_actor == 3 == third.lanes
     current = lake.current_products(s3, stack)
     assert (
         current.loc[current["productid"] == changed, "designation_clean"].item()
@@ -109,6 +110,8 @@ def test_encoder_pool_fits_what_is_free_now():
     lanes = [encoder_lanes(2, 1, 1, 1), encoder_lanes(2, 1, 2, 1), encoder_lanes(4, 2, 4, 1)]
     assert lanes == [2, 1, 1]
     assert encoder_lanes(2, 1, 1, 2) == 1 and encoder_lanes(2, 1, 2, 3) == 1  # threads per lane count
+    # 1.5 lanes per core: a third lane for the lone actor on 2 cores; still 1 for a one-core share.
+    assert [encoder_lanes(cpus, 1, actors, 1, 1.5) for cpus, actors in ((2, 1), (2, 2), (8, 2))] == [3, 1, 6]
     assert plan_encoder_pool(2, 2, 0.75, 0.5) == (2, 0.75)
     assert plan_encoder_pool(4, 4, 1.0, 0.5) == (3, 1.0)
     # Serve holds 0.7 CPU of 2: a 1-CPU actor plus the other tasks would never be scheduled.
