@@ -105,8 +105,7 @@ def run_train_stage(
     t0 = time.monotonic()
     with mlflow.start_run(run_name="tune-fusion") as parent:
         sha = git_sha(settings)
-        _log_inputs(settings, data, lineage, sha, trials, max_epochs)
-        mlflow.log_params({"retune": retune.kind, "retune_reason": retune.reason})
+        _log_inputs(settings, data, lineage, sha, trials, max_epochs, retune)
         best = search(settings, client, data, retune, parent.info.run_id, experiment.experiment_id,
                       trials, max_epochs)  # fmt: skip
         tune_seconds = phases["search"] = time.monotonic() - t0
@@ -115,9 +114,7 @@ def run_train_stage(
         mlflow.log_metrics({"tune_seconds": tune_seconds, "trials_stopped_early": best.stopped_early})
         if best.trials:
             mlflow.log_metric("best_val_f1_macro", best.val_f1_macro)
-        folds = settings.expert_folds if retune.full else settings.refit_folds
-        mlflow.log_param("folds", folds)
-        head, ablation = fit_best(settings, data, best, max_epochs, folds)
+        head, ablation = fit_best(settings, data, best, max_epochs, retune.folds(settings))
         _log_evaluation(data, head, ablation)
         phases["fit"], peaks["fit"] = time.monotonic() - t0 - tune_seconds, peak_rss_gb()
         card = model_card(settings, data, lineage, head, sha, parent.info.run_id) | {
@@ -192,12 +189,19 @@ def fit_best(
 
 
 def _log_inputs(
-    settings: Settings, data: Dataset, lineage: dict, sha: str, trials: int, max_epochs: int
+    settings: Settings,
+    data: Dataset,
+    lineage: dict,
+    sha: str,
+    trials: int,
+    max_epochs: int,
+    retune: RetuneDecision,
 ) -> None:
     mlflow.set_tags({"git_sha": sha, "data_fingerprint": data.fingerprint, "stage": "train"})
     params = {"trials": trials, "max_epochs": max_epochs, "split_seed": settings.split_seed,
               "tune_seed": settings.tune_seed, "tune_max_rows": settings.tune_max_rows,
-              "encoder_set_id": lineage["encoder_set_id"]}  # fmt: skip
+              "encoder_set_id": lineage["encoder_set_id"], "retune": retune.kind,
+              "retune_reason": retune.reason, "folds": retune.folds(settings)}  # fmt: skip
     mlflow.log_params(params)
     mlflow.log_dict(lineage, "lineage.json")
     mlflow.log_metrics({"products": lineage["products"], "imbalance_ratio": lineage["imbalance_ratio"],
@@ -235,6 +239,10 @@ class RetuneDecision:
     @property
     def kind(self) -> str:
         return "full search" if self.full else "refit"
+
+    def folds(self, settings: Settings) -> int:
+        """Fold models of the final fit: a refit's wait is an incremental batch's (see ``refit_folds``)."""
+        return settings.expert_folds if self.full else settings.refit_folds
 
 
 def plan_training(settings: Settings, client: MlflowClient, s3, data: Dataset, force: bool) -> tuple:
