@@ -26,6 +26,15 @@ def connect_ray(settings: Settings) -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
 
 
+def cluster_cpus() -> tuple[float, float, int]:
+    """The connected cluster's CPUs, those free now and its alive nodes (what encoder pools are sized by)."""
+    return (
+        ray.cluster_resources().get("CPU", 1),
+        ray.available_resources().get("CPU", 0),
+        sum(node["Alive"] for node in ray.nodes()),
+    )
+
+
 def own_submission_id() -> str | None:
     """The submission id of the Ray job whose driver this process is (None when run by hand)."""
     # Ray's job supervisor hands the driver its job's config, metadata included, in this variable.

@@ -10,7 +10,7 @@ import time
 
 import ray
 
-from jobs.common import connect_ray, run_cli
+from jobs.common import cluster_cpus, connect_ray, run_cli
 from lib.data.layout import embedding_run_blocks_prefix
 from lib.data.storage import s3_client
 from lib.features.catalogue import current_catalogue
@@ -48,13 +48,7 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
     if todo.empty:
         return embed_run
     todo = with_image_locations(todo, image_locations(client, settings, catalogue.manifests))
-    plan = plan_encoding(
-        todo,
-        settings,
-        ray.cluster_resources().get("CPU", 1),
-        ray.available_resources().get("CPU", 0),
-        sum(node["Alive"] for node in ray.nodes()),
-    )
+    plan = plan_encoding(todo, settings, *cluster_cpus())
     embed_run.run_id = new_run_id()
     blocks_prefix = embedding_run_blocks_prefix(catalogue.set_id, embed_run.run_id)
     started = time.monotonic()
@@ -67,7 +61,12 @@ def run(settings: Settings | None = None, batch_id: str | None = None) -> EmbedR
             fn_constructor_args=(settings, blocks_prefix, plan.lanes),
             # A fixed pool, sized from the CPUs free now: with room to shrink, Ray Data's autoscaler cuts
             # it to its own per-operator CPU budget (1 of 2 actors on 2 cores: half the speed).
-            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            # Blocks overlap inside an actor (see EncoderWorker): Ray Data runs its calls on threads.
+            compute=ray.data.ActorPoolStrategy(
+                size=plan.actors,
+                max_concurrent_calls_per_actor=settings.embed_calls_per_actor,
+                enable_true_multi_threading=True,
+            ),
             num_cpus=plan.actor_cpus,
             batch_size=None,  # one call per block, one file per block
             batch_format="pandas",

@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         "beside Serve, 7 interleaved rounds in two sets: +2.5 products/s on average over 2 lanes, "
         "6 rounds of 7 ahead).",
     )
+    embed_calls_per_actor: int = Field(
+        2,
+        description="Blocks an encoder actor works on at once, sharing its lanes: the lanes take the next "
+        "block's batches while a block's last batch finishes and the block is written (3,000 products beside "
+        "Serve, 3 interleaved rounds: 103.7 against 100.9 products/s).",
+    )
     embed_actor_cpus: float = Field(
         0.75, description="CPUs reserved per encoder actor: 2 cores - reserve = 2 one-thread actors."
     )

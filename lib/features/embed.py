@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -288,17 +289,26 @@ class EncoderPlan:
     blocks: list[pd.DataFrame]
 
 
-def plan_encoding(
-    todo: pd.DataFrame, settings: Settings, total_cpus: float, available_cpus: float, nodes: int
-) -> EncoderPlan:
-    """The actor pool and the blocks for ``todo`` on a cluster with these CPUs and alive nodes."""
+def plan_pool(
+    products: int, settings: Settings, total_cpus: float, available_cpus: float, nodes: int
+) -> tuple[int, float, int]:
+    """(actors, CPUs per actor, lanes per actor) that encode ``products`` on a cluster with these CPUs
+    and alive nodes."""
     actors, actor_cpus = plan_encoder_pool(
         total_cpus, available_cpus, settings.embed_actor_cpus, settings.embed_reserve_cpus
     )
     # An actor per full encoder batch at most: for a handful of products a second actor would spend more
     # on its start and model loading than it takes off the first one.
-    actors = min(actors, max(1, len(todo) // settings.embed_batch_size))
+    actors = min(actors, max(1, products // settings.embed_batch_size))
     lanes = encoder_lanes(total_cpus, nodes, actors, settings.encoder_threads, settings.embed_lanes_per_core)
+    return actors, actor_cpus, lanes
+
+
+def plan_encoding(
+    todo: pd.DataFrame, settings: Settings, total_cpus: float, available_cpus: float, nodes: int
+) -> EncoderPlan:
+    """The actor pool and the blocks for ``todo`` on a cluster with these CPUs and alive nodes."""
+    actors, actor_cpus, lanes = plan_pool(len(todo), settings, total_cpus, available_cpus, nodes)
     # Each lane gets as many of a block's batches as the others: a block ends when its last batch does.
     batches = lanes * math.ceil(settings.embed_block_batches / lanes)
     count = max(actors, math.ceil(len(todo) / (settings.embed_batch_size * batches)))
@@ -328,7 +338,8 @@ class EmbedRun:
     blocks: int = 0  # files the encoders wrote, one per block
     files: int = 0  # files after compaction
     compact_seconds: float = 0.0
-    # Summed over blocks: image fetch, text and image encoders, Parquet write, whole block, actor CPU.
+    # Summed over blocks: image fetch, text and image encoders (lane seconds), Parquet write, whole block
+    # (blocks overlap in an actor), actor CPU (each second once).
     worker_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     items_per_s: float = 0.0
@@ -466,7 +477,10 @@ class EncoderWorker:
     (with ranged ZIP reads a batch's fetch is about 1 % of its encoding) and writes its own output: a
     separate fetch or write stage would cost a process start and CPU that 2 cores do not have spare.
     A block's batches run on ``lanes`` threads at once (see :func:`encoder_lanes`); the encoders release
-    the GIL while they compute and are safe to call from several threads.
+    the GIL while they compute and are safe to call from several threads. Ray Data may call it for
+    several blocks at once (``settings.embed_calls_per_actor``): their batches share the lanes, so a lane
+    that finished its share of a block takes the next block's instead of waiting for the block's last
+    batch and its write.
     """
 
     def __init__(self, settings: Settings, output_prefix: str, lanes: int = 1) -> None:
@@ -478,10 +492,12 @@ class EncoderWorker:
         self.batch_size = settings.embed_batch_size
         self.bucket, self.output_prefix = settings.bucket_lake, output_prefix
         self._client = s3_client(settings)
+        self._cpu_lock = threading.Lock()
+        self._cpu_counted = time.process_time()  # the process's CPU already reported (or spent starting)
 
     def __call__(self, block: pd.DataFrame) -> dict[str, list]:
         """Encode and write one block; returns its file, row count and where its time went."""
-        started, cpu_started = time.perf_counter(), time.process_time()
+        started = time.perf_counter()
         block = block.reset_index(drop=True)
         batches = [block.iloc[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
         encoded = list(self._lanes.map(self.encode, batches))
@@ -492,8 +508,16 @@ class EncoderWorker:
         seconds = {step: sum(timing[step] for _, timing in encoded) for step in ("fetch", "text", "image")}
         seconds["write"] = time.perf_counter() - written
         seconds["block"] = time.perf_counter() - started
-        seconds["cpu"] = time.process_time() - cpu_started  # every thread of this actor's process
+        seconds["cpu"] = self._cpu_since_last_report()
         return {"file": [key], "rows": [table.num_rows], **{f"{k}_s": [v] for k, v in seconds.items()}}
+
+    def _cpu_since_last_report(self) -> float:
+        """The process's CPU seconds (every thread) not yet reported by a block: blocks that overlap must
+        not count the same seconds twice, so their sum is the actor's CPU since it loaded its models."""
+        with self._cpu_lock:
+            now = time.process_time()
+            spent, self._cpu_counted = now - self._cpu_counted, now
+        return spent
 
     def encode(self, batch: pd.DataFrame) -> tuple[pa.Table, dict[str, float]]:
         """Embedding rows of one encoder batch, and the seconds its fetch and each encoder took."""
