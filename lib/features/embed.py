@@ -513,7 +513,8 @@ class EncoderWorker:
 
     def _cpu_since_last_report(self) -> float:
         """The process's CPU seconds (every thread) not yet reported by a block: blocks that overlap must
-        not count the same seconds twice, so their sum is the actor's CPU since it loaded its models."""
+        not count the same seconds twice, so their sum is the actor's CPU since it was constructed (the
+        encoders' lazy weight loading included)."""
         with self._cpu_lock:
             now = time.process_time()
             spent, self._cpu_counted = now - self._cpu_counted, now
