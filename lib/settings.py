@@ -264,17 +264,24 @@ class Settings(BaseSettings):
     serve_max_batch_size: int = Field(16, description="@serve.batch size of every deployment (user_config).")
     serve_batch_wait_timeout_s: float = Field(0.01, description="Ingress @serve.batch wait for more.")
     serve_inner_batch_wait_timeout_s: float = Field(
-        0.0, description="Encoders' and head's wait (they get groups the ingress batched); 0 = no wait."
+        0.0, description="The image encoder's wait (it gets groups the ingress batched); 0 = no wait."
     )
     serve_max_ongoing_requests: int = Field(64, description="Concurrent requests per replica.")
     serve_target_ongoing_requests: float = Field(
-        2.0, description="Autoscaling target of encoder/head replicas, in ingress batches in flight."
+        2.0, description="Autoscaling target of image-encoder replicas, in ingress batches in flight."
     )
-    serve_min_replicas: int = 1
-    serve_max_replicas: int = 2
-    serve_ingress_cpus: float = Field(0.1, description="Fractional CPUs, so Serve fits beside Data/Tune.")
-    serve_encoder_cpus: float = 0.25
-    serve_model_cpus: float = 0.1
+    serve_min_replicas: int = Field(1, description="Image-encoder replicas at least (autoscaled).")
+    serve_max_replicas: int = Field(2, description="Image-encoder replicas at most.")
+    serve_ingress_replicas: int = Field(
+        2,
+        ge=1,
+        description="Ingress replicas, each parsing, encoding the text and scoring itself (HAProxy spreads "
+        "requests over them): one per core, since the Python between the encoder calls holds a GIL each.",
+    )
+    serve_ingress_cpus: float = Field(
+        0.2, description="Fractional CPUs per ingress replica, so Serve fits beside Data/Tune."
+    )
+    serve_image_encoder_cpus: float = Field(0.25, description="Fractional CPUs per image-encoder replica.")
     serve_encoder_threads: int = Field(
         1,
         description="Intra-op threads of one serving encoder batch: at 2, ONNX Runtime's and BLAS's threads "
@@ -283,8 +290,11 @@ class Settings(BaseSettings):
     serve_encoder_batches_in_flight: int = Field(
         2,
         ge=1,
-        description="Batches an encoder replica computes at once, each on its own thread (ONNX Runtime and "
-        "BLAS release the GIL): with 2, one replica encodes 2.0× the images/s and 1.7× the texts/s of 1.",
+        description="Batches a replica encodes at once, each on its own thread (ONNX Runtime and BLAS "
+        "release the GIL): with 2, one replica encodes 2.0× the images/s and 1.7× the texts/s of 1.",
+    )
+    serve_ingress_batches_in_flight: int = Field(
+        4, ge=1, description="Batches an ingress replica forms at once (computing or waiting for images)."
     )
     serve_lean_runtime: bool = Field(
         True,

@@ -1,18 +1,19 @@
-"""The Ray Serve application: an HTTP ingress, two batched encoders and the batched fusion head.
+"""The Ray Serve application: HTTP ingress replicas that encode the text and run the fusion head
+themselves, beside a batched image-encoder deployment.
 
 ```
-HTTP → Ingress (FastAPI: parse + validate; @serve.batch groups concurrent requests)
-         ├─ TextEncoder.encode   @serve.batch ┐ embeddings handed on as unresolved
-         ├─ ImageEncoder.encode  @serve.batch ┘ DeploymentResponses
-         └─ FusionModel.predict  @serve.batch → predictions + prediction-log rows
+HTTP (HAProxy) → Ingress replicas (FastAPI: parse + validate; @serve.batch groups concurrent requests)
+                   ├─ ImageEncoder.encode  @serve.batch  (a handle call per batch with images)
+                   └─ in the replica: text encoder, production head, prediction log
 ```
 
-Each ingress batch is one *group*: one handle call per deployment for the whole group, so Serve's
-per-call cost (routing, serialisation, an actor task) is paid once per batch, not once per request;
-the downstream deployments batch groups again. FusionModel serves the registry alias ``production``:
-a new replica loads it before taking traffic, then a background thread polls the alias and swaps the
-model atomically when it moves. Batch sizes and wait timeouts are every deployment's ``user_config``
-(changed at runtime without restarting replicas).
+A text request crosses no Ray hop at all: HAProxy spreads requests over the ingress replicas, and each
+batch is encoded and scored in the replica that parsed it. Images go to the image-encoder deployment
+(its own replicas, autoscaled), one handle call per batch, so Serve's per-call cost (routing,
+serialisation, an actor task) is paid once per batch, not per request. Each ingress replica serves the
+registry alias ``production``: it loads it before taking traffic, then a background thread polls the
+alias and swaps the model atomically when it moves. Batch sizes and wait timeouts are every
+deployment's ``user_config`` (changed at runtime without restarting replicas).
 """
 
 # No `from __future__ import annotations`: FastAPI must see real classes in the route signatures.
@@ -37,10 +38,8 @@ from serve import logic
 
 logger = logging.getLogger("ray.serve")
 MODEL_NOT_LOADED = "no production model loaded yet"
-# Ingress batches in flight at once: enough to keep the encoder and head stages busy together.
-INGRESS_BATCHES_IN_FLIGHT = 4
 RETRY_FIRST_DELAY_S, RETRY_MAX_DELAY_S = 0.1, 2.0
-INNER_DEPLOYMENTS = ("TextEncoder", "ImageEncoder", "FusionModel")
+INNER_DEPLOYMENTS = ("ImageEncoder",)
 # An image batch is split over the lanes no other batch holds, down to this many images per chunk: the
 # image encoder's cost per image does not fall with the batch size (unlike the text encoder's), so at low
 # load splitting cuts latency; under load every lane has its own batch and nothing is split.
@@ -51,7 +50,7 @@ BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 def batch_configs(settings: Settings, max_batch_size: int | None = None) -> dict[str, dict]:
-    """The ``user_config`` of each deployment: the ingress forms batches, the others coalesce groups."""
+    """The ``user_config`` of each deployment: the ingress forms batches, the image encoder coalesces them."""
     size = max_batch_size or settings.serve_max_batch_size
     configs = {
         "Ingress": {"max_batch_size": size, "batch_wait_timeout_s": settings.serve_batch_wait_timeout_s}
@@ -65,58 +64,27 @@ def _apply_batch_config(method: Any, config: dict) -> None:
     method.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
 
-class _Batched:
-    """Shared by the batched deployments: compute threads, one batch each.
+def _encoder_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"encoder_threads": settings.serve_encoder_threads})
 
-    Compute runs in threads so the replica's event loop keeps queueing the next batch.
-    """
+
+class _Computing:
+    """Compute threads, one batch each: the replica's event loop keeps queueing the next batch meanwhile
+    (ONNX Runtime and BLAS release the GIL, so the lanes run in parallel)."""
 
     _executor: ThreadPoolExecutor
     _lanes: int = 1
 
-    def _start_executor(self, threads: int = 1) -> None:
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="compute")
-
-    def _batch_in_flight(self, groups_fn, settings: Settings):
-        """``groups_fn`` as this replica's ``@serve.batch`` method, computing
-        ``serve_encoder_batches_in_flight`` batches at once on as many threads."""
-        in_flight = self._lanes = settings.serve_encoder_batches_in_flight
-        self._start_executor(in_flight)
-        # Built per replica, not decorated on the class: the decorator's concurrency comes from Settings.
-        return serve.batch(max_concurrent_batches=in_flight)(groups_fn)
+    def _start_lanes(self, settings: Settings) -> None:
+        self._lanes = settings.serve_encoder_batches_in_flight
+        self._executor = ThreadPoolExecutor(self._lanes, thread_name_prefix="compute")
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def _encoder_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"encoder_threads": settings.serve_encoder_threads})
-
-
 @serve.deployment
-class TextEncoder(_Batched):
-    """``build_text_encoder`` behind a batched method: a group of texts → (n, dim) float32."""
-
-    def __init__(self, settings: Settings) -> None:
-        # lazy: each replica loads only its own deployment's libraries (the ingress never loads a model)
-        from lib.features.encoders import build_text_encoder
-
-        self.encoder = build_text_encoder(_encoder_settings(settings))
-        self.encode = self._batch_in_flight(self._encode_groups, settings)
-
-    def reconfigure(self, config: dict) -> None:
-        _apply_batch_config(self.encode, config)
-
-    def encoder_id(self) -> str:
-        return self.encoder.id.key
-
-    async def _encode_groups(self, groups: list[list[str]]) -> list[list[np.ndarray]]:
-        rows = await self._compute(self.encoder.encode, [t for g in groups for t in g])
-        return logic.split_groups(rows, [len(g) for g in groups])
-
-
-@serve.deployment
-class ImageEncoder(_Batched):
+class ImageEncoder(_Computing):
     """``build_image_encoder`` batched: a group of images → per image a row or an error."""
 
     def __init__(self, settings: Settings) -> None:
@@ -124,7 +92,9 @@ class ImageEncoder(_Batched):
         from lib.features.encoders import build_image_encoder
 
         self.encoder = build_image_encoder(_encoder_settings(settings))
-        self.encode = self._batch_in_flight(self._encode_groups, settings)
+        self._start_lanes(settings)
+        # Built per replica, not decorated on the class: the decorator's concurrency comes from Settings.
+        self.encode = serve.batch(max_concurrent_batches=self._lanes)(self._encode_groups)
         self._batches_computing = 0
 
     def reconfigure(self, config: dict) -> None:
@@ -147,26 +117,27 @@ class ImageEncoder(_Batched):
         return logic.split_groups([row for part in parts for row in part], [len(g) for g in groups])
 
 
-@serve.deployment
-class FusionModel(_Batched):
-    """The production fusion head: hot-swapped on alias moves, batched, logging every prediction."""
+class ProductionScorer:
+    """What an ingress replica computes itself: the text encoder, the production head (hot-swapped when
+    the registry alias moves) and the prediction log. Called from the replica's compute threads."""
 
     def __init__(self, settings: Settings) -> None:
-        # lazy: torch and MLflow only in the model's replicas, not in the ingress or the encoders
+        # lazy: torch, MLflow and the encoders load in the replica, not where the app graph is built
         import mlflow
         import torch
         from mlflow import MlflowClient
 
         from lib.data.storage import put_table, s3_client
-        from lib.features.encoders import encoder_ids, encoder_set_id
+        from lib.features.encoders import build_text_encoder, encoder_ids, encoder_set_id
         from lib.ops.predlog import PredictionLogWriter
 
-        torch.set_num_threads(1)  # a small MLP; leave the cores to the encoders
+        torch.set_num_threads(1)  # a small MLP per batch; the lanes are the parallelism
         mlflow.set_tracking_uri(settings.mlflow_uri)
         self.settings = settings
         self.name = settings.registered_model_name
         self.registry = MlflowClient(settings.mlflow_uri)
-        text_id, image_id = encoder_ids(settings)  # the ids the encoder deployments run (same settings)
+        self.text_encoder = build_text_encoder(_encoder_settings(settings))
+        text_id, image_id = encoder_ids(settings)  # the ids the image deployment runs too (same settings)
         self.running = logic.running_encoders(text_id.key, image_id.key, encoder_set_id(text_id, image_id))
         self.loaded = None  # LoadedModel; replaced whole, never mutated: a batch keeps the one it read
         self.refused: dict[str, str] = {}
@@ -182,18 +153,14 @@ class FusionModel(_Batched):
         self.batch_sizes = metrics.Histogram(
             "rakuten_model_batch_size", "Products per batch of the fusion head.", BATCH_SIZE_BUCKETS
         )
-        self._start_executor()
         # Loaded before the replica takes traffic: a restarted or added replica answers with a model.
         self.check_alias()
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
 
-    def reconfigure(self, config: dict) -> None:
-        _apply_batch_config(self.predict, config)
-
     def check_alias(self) -> None:
         """Load the version behind ``production`` if it moved; keep the current one on any problem."""
-        # lazy: see __init__ (torch + MLflow only in this deployment's replicas)
+        # lazy: see __init__
         from lib.model import registry
 
         try:
@@ -233,37 +200,20 @@ class FusionModel(_Batched):
             "prediction_log": self.log.stats(),
         }
 
-    @serve.batch
-    async def predict(
-        self,
-        texts: list[list | None],
-        images: list[list | None],
-        metas: list[list[dict]],
-        product_texts: list[list[str]],
-    ) -> list[list[dict]]:
-        """Groups of products (encoder outputs for the items that have each modality, and every
-        product's text for a head with a TF-IDF branch) → results."""
-        loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
-        if loaded is None:
-            return [[logic.error_result(503, MODEL_NOT_LOADED)] * len(m) for m in metas]
-        text_rows, image_rows = [], []
-        for group_texts, group_images, group_metas in zip(texts, images, metas, strict=True):
-            t, i = logic.align_group(group_metas, group_texts, group_images)
-            text_rows += t
-            image_rows += i
-        flat_metas = [m for group in metas for m in group]
-        flat_texts = [t for group in product_texts for t in group]
-        results = await self._compute(self._predict, loaded, text_rows, image_rows, flat_metas, flat_texts)
-        return logic.split_groups(results, [len(m) for m in metas])
+    def encode_texts(self, items: list[logic.PredictInput]) -> list[np.ndarray | None]:
+        """Per item its text embedding (None for an item without text)."""
+        texts = [item.text for item in items if item.has_text]
+        rows = self.text_encoder.encode(texts) if texts else ()
+        return logic.scatter([item.has_text for item in items], rows)
 
-    def _predict(
-        self, loaded, texts: list, images: list, metas: list[dict], product_texts: list[str]
-    ) -> list[dict]:
+    def score(self, loaded, items: list[logic.PredictInput], texts: list, images: list) -> list[dict]:
+        """A batch's results from per-item embeddings (an image row may be an error string), each
+        prediction logged with its inputs' embeddings and timings."""
         # lazy: see __init__
         from lib.model.artifact import input_dims
         from lib.ops.predlog import log_row
 
-        results: list[dict] = [{}] * len(metas)
+        results: list[dict] = [{}] * len(items)
         ok = [i for i, image in enumerate(images) if not isinstance(image, str)]
         for i, image in enumerate(images):
             if isinstance(image, str):
@@ -273,7 +223,8 @@ class FusionModel(_Batched):
         text_dim, image_dim = input_dims(loaded.card)
         text = logic.stack_inputs([texts[i] for i in ok], text_dim)  # (n, text_dim)
         image = logic.stack_inputs([images[i] for i in ok], image_dim)  # (n, image_dim)
-        lexical = [product_texts[i] for i in ok]  # read only by a head that reads the text
+        cap = self.settings.lexical_max_chars
+        lexical = [items[i].lexical_text(cap) for i in ok]  # read only by a head that reads the text
         probs = loaded.probabilities(text, image, lexical)
         self.batch_sizes.observe(len(ok))
         answered, rows = time.time(), []
@@ -281,14 +232,15 @@ class FusionModel(_Batched):
             results[i] = logic.prediction(
                 probs[row], loaded.card, self.settings.abstain_threshold, self.name, loaded.version
             )
-            meta = metas[i]
-            latency_ms = (answered - meta["received_at"]) * 1000
-            rows.append(log_row(results[i], text[row], image[row], meta["has_text"], meta["has_image"],
-                                meta["input_hash"], latency_ms=latency_ms, batch_size=len(ok)))  # fmt: skip
+            item = items[i]
+            latency_ms = (answered - item.received_at) * 1000
+            rows.append(log_row(results[i], text[row], image[row], item.has_text, item.has_image,
+                                item.input_hash, latency_ms=latency_ms, batch_size=len(ok)))  # fmt: skip
         self.log.add(rows)
         return results
 
-    def __del__(self) -> None:
+    def close(self) -> None:
+        """Stop polling the alias and flush the prediction log."""
         self._stop.set()
         self.log.close(timeout_s=self.settings.predlog_flush_s)
 
@@ -309,19 +261,18 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
-    """HTTP front door: parse and validate, then await the encoder and model handles (no CPU work)."""
+class Ingress(_Computing):
+    """HTTP front door: parse and validate, encode the text and score in this replica; images go to the
+    image-encoder deployment."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        text: DeploymentHandle,
-        image: DeploymentHandle,
-        model: DeploymentHandle,
-    ) -> None:
+    def __init__(self, settings: Settings, image: DeploymentHandle) -> None:
         self.settings = settings
         self.token = settings.serve_auth_token.get_secret_value() if settings.serve_auth_token else None
-        self.text, self.image, self.model = text, image, model
+        self.image = image
+        self.scorer = ProductionScorer(settings)
+        self._start_lanes(settings)
+        in_flight = settings.serve_ingress_batches_in_flight
+        self._batched = serve.batch(max_concurrent_batches=in_flight)(self._batch_groups)
         # Ray's metrics endpoint exports these (prefixed ray_) beside Serve's own request metrics.
         self.requests = metrics.Counter(
             "rakuten_requests", "Prediction requests by route and HTTP status.", tag_keys=("route", "status")
@@ -329,6 +280,9 @@ class Ingress:
         self.latency = metrics.Histogram(
             "rakuten_request_latency_ms", "Prediction latency.", LATENCY_BUCKETS_MS, tag_keys=("route",)
         )
+
+    def reconfigure(self, config: dict) -> None:
+        _apply_batch_config(self._batched, config)
 
     def _observe(self, route: str, started: float, status: int) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
@@ -347,36 +301,35 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def reconfigure(self, config: dict) -> None:
-        _apply_batch_config(self._batched, config)
-
-    async def _pipeline_once(self, items: list[logic.PredictInput]) -> list[dict]:
-        texts = [item.text for item in items if item.has_text]
+    async def _encode_images(self, items: list[logic.PredictInput]) -> list:
+        """Per item its image row, an error string, or None; retried while a dead replica is replaced."""
         images = [item.image for item in items if item.has_image]
-        # Responses are handed on unresolved: the embeddings go encoder → model, not through here.
-        text = self.text.encode.remote(texts) if texts else None
-        image = self.image.encode.remote(images) if images else None
-        cap = self.settings.lexical_max_chars
-        metas, lexical_texts = [item.meta() for item in items], [item.lexical_text(cap) for item in items]
-        return await self.model.predict.remote(text, image, metas, lexical_texts)
-
-    async def _pipeline(self, items: list[logic.PredictInput]) -> list[dict]:
-        """A group of products through the encoders and the head; retried while a dead replica is replaced."""
+        if not images:
+            return [None] * len(items)
         deadline = time.monotonic() + self.settings.serve_retry_deadline_s
         delay = RETRY_FIRST_DELAY_S
         while True:
             try:
-                return await self._pipeline_once(items)
+                rows = await self.image.encode.remote(images)
+                return logic.scatter([item.has_image for item in items], rows)
             except RayActorError as exc:
                 if time.monotonic() + delay > deadline:
                     raise
-                logger.warning("replica lost (%s); retrying in %.1f s", type(exc).__name__, delay)
+                logger.warning("image replica lost (%s); retrying in %.1f s", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
-    @serve.batch(max_concurrent_batches=INGRESS_BATCHES_IN_FLIGHT)
-    async def _batched(self, items: list[logic.PredictInput]) -> list[dict]:
-        """Concurrent /predict requests travel together: one handle call per deployment per batch."""
+    async def _pipeline(self, items: list[logic.PredictInput]) -> list[dict]:
+        """A group of products: images encoded remotely while this replica encodes the texts; then scored."""
+        loaded = self.scorer.loaded  # one model for the whole group, even if a swap lands meanwhile
+        if loaded is None:
+            return [logic.error_result(503, MODEL_NOT_LOADED)] * len(items)
+        images = asyncio.ensure_future(self._encode_images(items))
+        texts = await self._compute(self.scorer.encode_texts, items)
+        return await self._compute(self.scorer.score, loaded, items, texts, await images)
+
+    async def _batch_groups(self, items: list[logic.PredictInput]) -> list[dict]:
+        """Concurrent /predict requests travel together: one text-encoder run and one image call per batch."""
         return await self._pipeline(items)
 
     @staticmethod
@@ -427,43 +380,33 @@ class Ingress:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        try:
-            info = await self.model.info.remote()
-        except Exception as exc:  # the model replica is being replaced: not healthy right now
-            info = {"model_error": f"{type(exc).__name__}: {exc}"}
-        status, body = logic.health(info)
+        status, body = logic.health(self.scorer.info())
         return JSONResponse(body, status_code=status)
+
+    def __del__(self) -> None:
+        self.scorer.close()
 
 
 def build_app(settings: Settings, max_batch_size: int | None = None):
     """The application graph; ``max_batch_size`` overrides Settings (it only changes ``user_config``)."""
     check_exposure(settings, ["serve"])  # beyond loopback, only with a token
     user_configs = batch_configs(settings, max_batch_size)
-    autoscaled = {
-        "max_ongoing_requests": settings.serve_max_ongoing_requests,
-        "autoscaling_config": {
+    image = ImageEncoder.options(
+        ray_actor_options={"num_cpus": settings.serve_image_encoder_cpus},
+        user_config=user_configs["ImageEncoder"],
+        max_ongoing_requests=settings.serve_max_ongoing_requests,
+        autoscaling_config={
             "min_replicas": settings.serve_min_replicas,
             "max_replicas": settings.serve_max_replicas,
             "target_ongoing_requests": settings.serve_target_ongoing_requests,
         },
-    }
-    encoder_cpus = {"num_cpus": settings.serve_encoder_cpus}
-    text = TextEncoder.options(
-        ray_actor_options=encoder_cpus, user_config=user_configs["TextEncoder"], **autoscaled
-    ).bind(settings)
-    image = ImageEncoder.options(
-        ray_actor_options=encoder_cpus, user_config=user_configs["ImageEncoder"], **autoscaled
-    ).bind(settings)
-    model = FusionModel.options(
-        ray_actor_options={"num_cpus": settings.serve_model_cpus},
-        user_config=user_configs["FusionModel"],
-        **autoscaled,
     ).bind(settings)
     return Ingress.options(
         ray_actor_options={"num_cpus": settings.serve_ingress_cpus},
+        num_replicas=settings.serve_ingress_replicas,
         max_ongoing_requests=settings.serve_max_ongoing_requests,
         user_config=user_configs["Ingress"],
-    ).bind(settings, text, image, model)
+    ).bind(settings, image)
 
 
 def app_builder(args: dict):

@@ -51,8 +51,8 @@ class PredictInput:
     text: str
     image: bytes | None
     input_hash: str
-    # Wall-clock time the request was parsed (epoch s): the model deployment logs the latency up to its
-    # answer, which may come from another node (hence not a monotonic clock).
+    # Wall-clock time the request was parsed (epoch s): the prediction log's latency runs from it to the
+    # answer, and its timestamps are wall-clock too.
     received_at: float = field(default_factory=time.time)
 
     @property
@@ -66,11 +66,6 @@ class PredictInput:
     def lexical_text(self, max_chars: int) -> str:
         """What a head's TF-IDF block reads (as in training: ``lib.data.text.lexical_text``)."""
         return lexical_text(self.designation, self.description, max_chars)
-
-    def meta(self) -> dict:
-        """What the model deployment logs besides the prediction."""
-        return {"has_text": self.has_text, "has_image": self.has_image, "input_hash": self.input_hash,
-                "received_at": self.received_at}  # fmt: skip
 
 
 # --- request parsing --------------------------------------------------------------------------------
@@ -300,15 +295,11 @@ def chunk_sizes(items: int, parts: int, min_size: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def align_group(metas: Sequence[dict], texts: Sequence | None, images: Sequence | None) -> tuple[list, list]:
-    """Per-item text and image vectors of one group (None for a missing modality).
-
-    The encoders saw only the items that have the modality, in order; ``metas`` says which ones.
-    """
-    text_iter, image_iter = iter(texts or ()), iter(images or ())
-    text_out = [next(text_iter) if m["has_text"] else None for m in metas]
-    image_out = [next(image_iter) if m["has_image"] else None for m in metas]
-    return text_out, image_out
+def scatter(present: Sequence[bool], rows: Sequence) -> list:
+    """Per-item rows, None where ``present`` is False: an encoder saw only the items that have its
+    modality, in order."""
+    row_iter = iter(rows)
+    return [next(row_iter) if has else None for has in present]
 
 
 # --- scoring -----------------------------------------------------------------------------------------

@@ -156,11 +156,8 @@ def test_batch_parsing():
 
 def test_groups_are_split_and_aligned_back():
     assert logic.split_groups([1, 2, 3, 4, 5], [2, 0, 3]) == [[1, 2], [], [3, 4, 5]]
-    metas = [{"has_text": True, "has_image": False}, {"has_text": False, "has_image": True},
-             {"has_text": True, "has_image": True}]  # fmt: skip
-    texts, images = logic.align_group(metas, ["t0", "t2"], ["i1", "i2"])
-    assert texts == ["t0", None, "t2"] and images == [None, "i1", "i2"]
-    assert logic.align_group(metas[:1], ["t0"], None) == (["t0"], [None])
+    assert logic.scatter([True, False, True], ["t0", "t2"]) == ["t0", None, "t2"]
+    assert logic.scatter([False, False], []) == [None, None]
 
 
 def test_a_batch_is_chunked_over_the_lanes_but_not_below_the_minimum():

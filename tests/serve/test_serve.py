@@ -75,10 +75,12 @@ def register_copy(settings, source: LoadedModel, card: dict | None = None) -> st
 
 
 class Stream:
-    """Clients posting text-only requests in background threads; records status and model version."""
+    """Clients posting requests (text-only, or with ``image``) in background threads; records status and
+    model version."""
 
-    def __init__(self, settings, threads: int = 2) -> None:
+    def __init__(self, settings, threads: int = 2, image: bytes | None = None) -> None:
         self.results: list[tuple[float, int, str | None]] = []
+        self._image = {"image": base64.b64encode(image).decode()} if image else {}
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(settings, i)) for i in range(threads)]
 
@@ -87,7 +89,8 @@ class Stream:
             i = 0
             while not self._stop.is_set():
                 try:
-                    resp = http.post("/predict", json={"designation": f"Livre de poche tome {worker}-{i}"})
+                    body = {"designation": f"Livre de poche tome {worker}-{i}", **self._image}
+                    resp = http.post("/predict", json=body)
                     version = resp.json().get("model_version") if resp.status_code == 200 else None
                     self.results.append((time.monotonic(), resp.status_code, version))
                 except httpx.HTTPError as exc:
@@ -134,6 +137,7 @@ def serve_settings(stack):
             "serve_auth_token": SecretStr(TOKEN),
             "serve_model_poll_s": 0.5,
             "serve_max_replicas": 1,
+            "serve_ingress_replicas": 1,  # /health then describes the replica that answered every request
             "predlog_flush_rows": 8,
             "predlog_flush_s": 0.5,
             "max_image_bytes": 200_000,
@@ -409,7 +413,11 @@ def test_a_model_for_other_encoders_is_refused_and_rollback_is_followed(v1, app,
     assert served_version(app, serving)
 
 
-def test_fault_a_killed_serve_replica_is_replaced_while_requests_keep_succeeding(v1, app, ray_cluster):
+def test_fault_a_killed_image_encoder_replica_is_replaced_while_requests_keep_succeeding(
+    v1, app, ray_cluster
+):
+    """Killed mid-stream, the image encoder's replica is replaced; the ingress retries its calls meanwhile."""
+
     def replicas(deployment: str) -> list[str]:
         prefix = f"{REPLICA_PREFIX}{app.serve_app_name}#{deployment}#"
         return [
@@ -418,12 +426,12 @@ def test_fault_a_killed_serve_replica_is_replaced_while_requests_keep_succeeding
             if a["name"].startswith(prefix)
         ]
 
-    (victim,) = replicas("FusionModel")
-    with Stream(app) as stream:
+    (victim,) = replicas("ImageEncoder")
+    with Stream(app, image=jpeg()) as stream:
         wait_for(lambda: len(stream.results) >= 10)
         killed_at = time.monotonic()
         ray_cluster.kill(ray_cluster.get_actor(victim, namespace="serve"), no_restart=True)
-        wait_for(lambda: (names := replicas("FusionModel")) and victim not in names)
+        wait_for(lambda: (names := replicas("ImageEncoder")) and victim not in names)
         wait_for(lambda: len([r for r in stream.since(killed_at) if r[1] == 200]) >= 20)
     failures = [r for r in stream.results if r[1] != 200]
     assert not failures, failures[:5]
