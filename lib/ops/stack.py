@@ -195,6 +195,8 @@ SERVE_LEAN_RUNTIME_ENV = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",  # proxy → replica and handle calls over gRPC
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # access log written in blocks
     "RAY_SERVE_LOG_TO_STDERR": "0",  # replica logs go to their files only, not also to stderr
+    # The controller's reconcile loop every 0.5 s, not 0.1: it spent 6 % of a core idle (bench_serve).
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
 
 
