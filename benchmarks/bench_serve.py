@@ -514,15 +514,16 @@ def _listening(port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.net_connections("tcp"))
 
 
-def serve_round(settings: Settings, payload_sets: dict, cells: dict, profiles: dict) -> dict | None:
-    """Serve batched (profiled), then the same replicas reconfigured to batch size 1; in the first round
-    (no ``cells`` yet) also the promotion under load, which it returns."""
-    first = not cells
+def serve_round(
+    settings: Settings, payload_sets: dict, cells: dict, profiles: dict, promote: bool
+) -> dict | None:
+    """Serve batched (profiled), then the same replicas reconfigured to batch size 1; with ``promote``,
+    also the promotion under load in between, whose result it returns."""
     promotion = None
     try:
         url = serve_deploy(settings, serve_config(settings))
         run_design("serve batched", url, payload_sets, cells, profiles)
-        if first:
+        if promote:
             promotion = promotion_under_load(settings, url, payload_sets["text"])
         # Reconfigured in place: the same replicas with batch size 1.
         url = serve_deploy(settings, serve_config(settings, max_batch_size=1))
@@ -537,16 +538,17 @@ def main(rounds: int) -> None:
 
     cells: dict = {}
     profiles: dict[str, list] = {}
-    promotion: dict = {}
     with bench_stack() as settings:
         use_stack_ray(settings)
         ray.init(address=settings.ray_address, logging_level="WARNING", log_to_driver=False)
         try:
             catalogue = build_production_model(settings)
             payload_sets = {"text": text_payloads(catalogue), "text+image": multipart_payloads(catalogue)}
+            promotion: dict = {}
             for number in range(1, rounds + 1):
                 print(f"round {number} of {rounds}")
-                promotion = serve_round(settings, payload_sets, cells, profiles) or promotion
+                promoted = serve_round(settings, payload_sets, cells, profiles, promote=number == 1)
+                promotion = promoted or promotion
                 with reference_server(settings) as url:
                     run_design("fastapi plain", url, payload_sets, cells)
             limits = encoder_limit(settings, payload_sets)
