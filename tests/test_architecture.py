@@ -31,8 +31,15 @@ def sources() -> dict[str, ast.Module]:
     for package in PACKAGES:
         for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
             module = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts).removesuffix(".__init__")
-            out[module] = ast.parse(path.read_text(), str(path))
+            out[module] = _parse(path.read_text(), str(path))
     return out
+
+
+def _parse(source: str, filename: str) -> ast.Module:
+    try:
+        return ast.parse(source, filename)
+    except SystemError:  # CPython < 3.11.8, gh-106905: a spurious "AST constructor recursion depth
+        return ast.parse(source, filename)  # mismatch" when other threads run; a second parse succeeds
 
 
 def module_imports(tree: ast.Module, module: str) -> set[str]:
