@@ -352,7 +352,7 @@ class EmbedRun:
 def worker_seconds(blocks: list[dict]) -> dict[str, float]:
     """Where the encoder actors' time went, summed over the blocks they returned."""
     steps = [column.removesuffix("_s") for column in (blocks[0] if blocks else {}) if column.endswith("_s")]
-    return {step: round(sum(block[f"{step}_s"] for block in blocks), 1) for step in steps}
+    return {step: round(sum(block[f"{step}_s"] for block in blocks), 3) for step in steps}
 
 
 def new_run_id() -> str:
