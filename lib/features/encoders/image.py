@@ -79,10 +79,14 @@ def images_to_batch(
         if img.size != (width, height):
             img = img.resize((width, height), resample)
         pixels[i] = np.asarray(img)
-    x = pixels.astype(np.float32)
-    x -= np.asarray(mean_255, dtype=np.float32)
-    x /= np.asarray(std_255, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (n, 3, h, w)
+    # Channel by channel straight into the NCHW batch: the same float32 operations as normalising the
+    # whole NHWC array then transposing it (identical bits), without its two full-size copies.
+    batch = np.empty((len(images), 3, height, width), dtype=np.float32)
+    for channel, (mean, std) in enumerate(zip(mean_255, std_255, strict=True)):
+        plane = batch[:, channel]
+        np.subtract(pixels[..., channel], np.float32(mean), out=plane, dtype=np.float32)
+        plane /= np.float32(std)
+    return batch
 
 
 def _norm_tag(mean_255: Sequence[float], std_255: Sequence[float]) -> str:

@@ -31,6 +31,7 @@ from lib.features.encoders import (
     encoder_set_id,
     l2_normalise,
 )
+from lib.features.encoders.image import images_to_batch
 from lib.features.encoders.text import use_m3_cache_path
 from lib.settings import Settings
 
@@ -214,6 +215,19 @@ def test_sentence_transformer_incomplete_directory_is_unavailable(tiny_st_dir: P
 
 
 # --- images -----------------------------------------------------------------------------------------
+
+
+def test_image_batch_is_the_normalised_pixels_channel_first(images: list[bytes]) -> None:
+    """Stored embeddings stay valid only if preprocessing keeps its exact numbers: the batch equals
+    (pixels - mean) / std computed in float32 on the decoded, resized image, channel first."""
+    mean, std = (127.0, 120.5, 110.25), (128.0, 64.0, 57.5)
+    batch = images_to_batch(images, (224, 160), mean, std, Image.Resampling.BICUBIC)
+    assert batch.shape == (len(images), 3, 224, 160) and batch.dtype == np.float32
+    assert batch.flags["C_CONTIGUOUS"]
+    for row, data in zip(batch, images, strict=True):
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((160, 224), Image.BICUBIC))
+        expected = (pixels.astype(np.float32) - np.float32(mean)) / np.float32(std)  # (h, w, 3)
+        assert np.array_equal(row, expected.transpose(2, 0, 1))
 
 
 def test_lite0_onnx_shapes_and_norms(lite0_onnx: EfficientNetLite0Onnx, images: list[bytes]) -> None:
