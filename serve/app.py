@@ -2,7 +2,7 @@
 themselves, beside a batched image-encoder deployment.
 
 ```
-HTTP (HAProxy) → Ingress replicas (FastAPI: parse + validate; @serve.batch groups concurrent requests)
+HTTP (HAProxy) → Ingress replicas (route, parse + validate; @serve.batch groups concurrent requests)
                    ├─ ImageEncoder.encode  @serve.batch  (a handle call per batch with images)
                    └─ in the replica: text encoder, production head, prediction log
 ```
@@ -16,7 +16,6 @@ alias and swaps the model atomically when it moves. Batch sizes and wait timeout
 deployment's ``user_config`` (changed at runtime without restarting replicas).
 """
 
-# No `from __future__ import annotations`: FastAPI must see real classes in the route signatures.
 import asyncio
 import logging
 import threading
@@ -25,12 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from lib.ops.exposure import authorized, check_exposure
 from lib.settings import Settings, get_settings
@@ -245,22 +244,11 @@ class ProductionScorer:
         self.log.close(timeout_s=self.settings.predlog_flush_s)
 
 
-api = FastAPI(title="Rakuten product classification", version="1")
-
-
-@api.exception_handler(logic.InputError)
-async def _input_error(request: Request, exc: logic.InputError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s", request.url.path)
-    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
 
 
 @serve.deployment
-@serve.ingress(api)
 class Ingress(_Computing):
     """HTTP front door: parse and validate, encode the text and score in this replica; images go to the
     image-encoder deployment."""
@@ -338,22 +326,32 @@ class Ingress(_Computing):
             return JSONResponse({"detail": result["error"]["detail"]}, status_code=result["error"]["status"])
         return JSONResponse(result)
 
+    async def __call__(self, request: Request) -> JSONResponse:
+        """Route by path and method. Three routes need no web framework: FastAPI's routing, dependency
+        resolution and middleware cost more CPU per request than the rest of the Python around the text
+        encoder (bench_serve's profile of the ingress)."""
+        path = request.url.path
+        if path == "/health":
+            return self._health() if request.method == "GET" else _error(405, "Method Not Allowed")
+        handle = {"/predict": self._predict_one, "/predict/batch": self._predict_many}.get(path)
+        if handle is None:
+            return _error(404, "Not Found")
+        if request.method != "POST":
+            return _error(405, "Method Not Allowed")
+        return await self._measured(path, handle, request)
+
     async def _measured(self, route: str, handle, request: Request) -> JSONResponse:
-        """``handle(request)`` counted and timed by route and status (an error is counted, then raised)."""
-        started, status = time.perf_counter(), 500
+        """``handle(request)`` counted and timed by route and status; errors become JSON responses."""
+        started = time.perf_counter()
         try:
             response = await handle(request)
-            status = response.status_code
-            return response
         except logic.InputError as exc:
-            status = exc.status
-            raise
-        finally:
-            self._observe(route, started, status)
-
-    @api.post("/predict")
-    async def predict(self, request: Request) -> JSONResponse:
-        return await self._measured("/predict", self._predict_one, request)
+            response = _error(exc.status, exc.detail)
+        except Exception as exc:
+            logger.exception("unexpected error on %s", route)
+            response = _error(500, f"internal error: {type(exc).__name__}")
+        self._observe(route, started, response.status_code)
+        return response
 
     async def _predict_one(self, request: Request) -> JSONResponse:
         body = await self._body(request)
@@ -361,10 +359,6 @@ class Ingress(_Computing):
             logic.parse_predict, body, request.headers.get("content-type"), self.settings
         )
         return self._respond(await self._batched(item))
-
-    @api.post("/predict/batch")
-    async def predict_batch(self, request: Request) -> JSONResponse:
-        return await self._measured("/predict/batch", self._predict_many, request)
 
     async def _predict_many(self, request: Request) -> JSONResponse:
         body = await self._body(request)
@@ -378,8 +372,7 @@ class Ingress(_Computing):
                 return JSONResponse({"detail": detail}, status_code=result["error"]["status"])
         return JSONResponse(list(results))
 
-    @api.get("/health")
-    async def health(self) -> JSONResponse:
+    def _health(self) -> JSONResponse:
         status, body = logic.health(self.scorer.info())
         return JSONResponse(body, status_code=status)
 

@@ -316,6 +316,10 @@ def test_bad_inputs_get_clear_json_errors_and_the_service_keeps_serving(v1, http
     too_many = [{"designation": "x"}] * (app.serve_max_batch_items + 1)
     assert http.post("/predict/batch", json=too_many).status_code == 413
     assert http.post("/predict/batch", json=[{"designation": "x"}, {}]).status_code == 422
+    wrong_routes = (("GET", "/predict", 405), ("POST", "/health", 405), ("POST", "/nope", 404))
+    for method, path, expected in wrong_routes:
+        resp = http.request(method, path)
+        assert resp.status_code == expected and resp.json()["detail"], (method, path)
     # A corrupt image inside a batch fails the batch with its index; good items elsewhere are unaffected.
     corrupt = base64.b64encode(jpeg(256, seed=1)[:2000]).decode()
     resp = http.post("/predict/batch", json=[{"designation": "Livre"}, {"image_base64": corrupt}])
