@@ -313,7 +313,11 @@ class Ingress(_Computing):
         if loaded is None:
             return [logic.error_result(503, MODEL_NOT_LOADED)] * len(items)
         images = asyncio.ensure_future(self._encode_images(items))
-        texts = await self._compute(self.scorer.encode_texts, items)
+        try:
+            texts = await self._compute(self.scorer.encode_texts, items)
+        except BaseException:
+            images.cancel()  # else its result or error would be left unretrieved
+            raise
         return await self._compute(self.scorer.score, loaded, items, texts, await images)
 
     async def _batch_groups(self, items: list[logic.PredictInput]) -> list[dict]:

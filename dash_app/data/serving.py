@@ -30,7 +30,7 @@ def decode_upload(contents: str | None) -> bytes | None:
 
 
 def error_detail(response: httpx.Response) -> str:
-    """The ``detail`` of an error response (FastAPI's shape), else its body."""
+    """The ``detail`` of an error response (`{"detail": ...}`, as the API answers), else its body."""
     try:
         return response.json().get("detail", response.text)
     except ValueError:
