@@ -381,6 +381,13 @@ class Settings(BaseSettings):
         return self.serve_port + 1101
 
     @property
+    def serve_replica_http_ports(self) -> range:
+        """Ports Serve's HAProxy ingress gives its replicas' own HTTP servers on each node: 8060–8099 for
+        serve_port 8000. Ray's default, 30000–31000 for every stack on a machine, holds the bench stack's
+        ports: a test or demo replica that had just used 30000 kept the bench's S3 from starting."""
+        return range(self.serve_port + 60, self.serve_port + 100)
+
+    @property
     def dash_url(self) -> str:
         return f"http://{self.host}:{self.dash_port}"
 

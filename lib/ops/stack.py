@@ -208,13 +208,15 @@ def serve_runtime_env(settings: Settings) -> dict[str, str]:
 
 def haproxy_env(settings: Settings) -> dict[str, str]:
     """Serve's HAProxy ingress, run through serve/haproxy_bind.sh (stats and metrics on loopback) with this
-    stack's ports. Its config and admin socket stay in Ray's per-node directories under /tmp (a Unix socket
-    path must be short)."""
+    stack's ports, its replicas' included. Its config and admin socket stay in Ray's per-node directories
+    under /tmp (a Unix socket path must be short)."""
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(settings.haproxy_stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(settings.haproxy_metrics_port),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.serve_replica_http_ports[0]),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.serve_replica_http_ports[-1]),
     }
 
 

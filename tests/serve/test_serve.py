@@ -368,6 +368,10 @@ def test_every_listening_socket_is_on_the_stack_host_and_the_dashboard_asks_for_
         ray_processes = {row["process"] for row in sockets if row["service"] == "ray"}
         assert {"gcs_server", "raylet"} <= ray_processes, ray_processes
         assert any(row["port"] == app.serve_port for row in sockets), "Serve's proxy is not under the stack"
+        # The ingress replicas' own HTTP servers (behind HAProxy) take their ports from this stack's range.
+        replica_ports = {row["port"] for row in sockets if row["process"].startswith("ray::ServeReplica")}
+        in_range = replica_ports & set(app.serve_replica_http_ports)
+        assert len(in_range) == app.serve_ingress_replicas, replica_ports
         # Ray 2.60 binds each Serve replica's gRPC server to [::] (hard-coded); Ray's token guards it.
         elsewhere = [row for row in sockets if row["address"] != app.host]
         assert all(row["process"].startswith("ray::ServeReplica") for row in elsewhere), elsewhere
